@@ -1,0 +1,56 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SCALELAB := $(VENV)/bin/scalelab
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps demo test test-unit test-integration lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing scalelab and its pinned stack into $(VENV) (first time: a few minutes)"
+	@# torch is pinned to 2.13.0 (a CPU wheel on disk here); an unpinned torch pulls a CUDA build
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	@$(PY) -c "import scalelab, torch, ray, mlflow, dvc" || (echo "install failed"; exit 1)
+	@rm -f $(VENV)/.installed-*; touch $@
+
+setup: $(STAMP) system-deps
+
+# Debian packages: the Fashion-MNIST dataset (benchmarks) and Chromium (browser tests).
+# Best effort: skipped where apt is unavailable; nothing in `make test` requires the dataset.
+system-deps:
+	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian packages: dataset-fashion-mnist chromium"; \
+	  (apt-get install -y -qq dataset-fashion-mnist chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist chromium >/dev/null 2>&1)) \
+	   || echo "warning: apt could not install dataset-fashion-mnist/chromium; benchmarks and browser tests need them"; \
+	else echo "note: install Debian packages dataset-fashion-mnist and chromium for benchmarks and browser tests"; fi
+
+demo: setup
+	$(SCALELAB) train pipelines/digits.yaml
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check platform tests benchmarks
+	$(VENV)/bin/ruff format --check platform tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff format platform tests benchmarks
+	$(VENV)/bin/ruff check --fix platform tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/digits.py
+
+clean:
+	rm -rf .scalelab outputs reports

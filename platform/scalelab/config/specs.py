@@ -1,0 +1,330 @@
+"""Typed specs, one per concern, composed under :class:`RecipeSpec`.
+
+Every field is documented where it is declared; recipes in ``pipelines/*.yaml`` are validated
+against these classes, so an unknown key or a wrong type is an error that names the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Spec(BaseModel):
+    # Unknown keys are errors: a typo in a recipe must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSpec(_Spec):
+    """Architecture of a multi-scale ResNet (classifier or detector)."""
+
+    variant: str | None = Field(
+        None,
+        description="Registered variant to start from (see `scalelab models`); "
+        "fields given beside it override the variant's values.",
+    )
+    task: Literal["classification", "detection"] = Field(
+        "classification", description="Classifier head or FPN detection head."
+    )
+    stem: Literal["small", "large", "auto"] = Field(
+        "auto",
+        description="'small': 3x3 conv, no downsampling (8-32 px images); 'large': 7x7/2 conv + "
+        "max-pool (ImageNet-style); 'auto': small below 64 px.",
+    )
+    stem_width: int = Field(32, ge=4, description="Output channels of the stem.")
+    depths: list[int] = Field([1, 1, 1], description="Blocks per stage.")
+    widths: list[int] = Field([64, 128, 256], description="Output channels per stage.")
+    bottleneck_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=4,
+        description="Inner (3x3 path) width = stage width x this ratio, unless width_per_scale is set.",
+    )
+    width_per_scale: int | None = Field(
+        None, ge=1, description="Channels of each split; inner width = width_per_scale x scales."
+    )
+    scales: int = Field(
+        4, ge=1, description="Res2Net splits of the 3x3 path; 1 is exactly a plain bottleneck block."
+    )
+    kernel_sizes: list[int] = Field(
+        [3], description="Kernel sizes cycled across the splits (e.g. [3, 5] for mixed kernels)."
+    )
+    se: bool = Field(False, description="Squeeze-and-excitation channel attention in each block.")
+    se_ratio: float = Field(0.25, gt=0, le=1, description="SE bottleneck ratio.")
+    depthwise: bool = Field(
+        False, description="Depthwise-separable convolutions in the split paths."
+    )
+    head: Literal["last", "mean_logits", "concat"] = Field(
+        "mean_logits",
+        description="Multi-scale classifier fusion: last stage only, mean of per-stage logits, or "
+        "one classifier over concatenated pooled features.",
+    )
+    head_stages: list[int] = Field(
+        [-2, -1], description="Stages (indices, negative from the end) that feed the head."
+    )
+    aux_weight: float = Field(
+        0.3, ge=0, description="Weight of the auxiliary (side-head) losses during training."
+    )
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier(s).")
+    fpn_width: int = Field(64, ge=8, description="Detection: FPN channels.")
+    fpn_levels: list[int] = Field(
+        [0, 1, 2], description="Detection: backbone stages (indices) feeding the FPN."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _start_from_variant(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("variant"):
+            from scalelab.models.registry import variant_config
+
+            merged = dict(variant_config(data["variant"]))
+            merged.update({k: v for k, v in data.items()})
+            return merged
+        return data
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelSpec:
+        if len(self.depths) != len(self.widths):
+            raise ValueError(
+                f"depths {self.depths} and widths {self.widths} must have one entry per stage"
+            )
+        if not self.depths or any(d < 1 for d in self.depths):
+            raise ValueError(f"depths must be >= 1 per stage, got {self.depths}")
+        if any(w < 1 for w in self.widths):
+            raise ValueError(f"widths must be positive, got {self.widths}")
+        if any(k < 1 or k % 2 == 0 for k in self.kernel_sizes) or not self.kernel_sizes:
+            raise ValueError(f"kernel_sizes must be odd and >= 1, got {self.kernel_sizes}")
+        for w in self.widths:
+            inner = self.inner_width(w)
+            if inner % self.scales:
+                raise ValueError(
+                    f"inner width {inner} (stage width {w} x bottleneck_ratio {self.bottleneck_ratio}) "
+                    f"is not divisible by scales={self.scales}; pick widths that are multiples of "
+                    f"{self.scales}/{self.bottleneck_ratio} or set width_per_scale"
+                )
+        n = len(self.depths)
+        for idx in [*self.head_stages, *self.fpn_levels]:
+            if not -n <= idx < n:
+                raise ValueError(f"stage index {idx} out of range for {n} stages")
+        return self
+
+    def inner_width(self, stage_width: int) -> int:
+        """Channels of the 3x3 (split) path of a block in a stage of this width."""
+        if self.width_per_scale is not None:
+            return self.width_per_scale * self.scales
+        return max(1, round(stage_width * self.bottleneck_ratio))
+
+
+class AugmentSpec(_Spec):
+    """Tensor-level augmentation, applied on the fly to training batches only."""
+
+    crop_padding: int = Field(0, ge=0, description="Random crop after zero-padding by this many px.")
+    hflip: bool = Field(False, description="Random horizontal flip (never for digits).")
+    random_erasing: float = Field(0.0, ge=0, le=1, description="Probability of random erasing.")
+
+
+class DataSpec(_Spec):
+    """Which dataset, how it is split, and where its prepared copy lives."""
+
+    name: str = Field("digits", description="Dataset name (the folder under data_dir).")
+    kind: Literal["digits", "fashion-mnist", "imagefolder", "npz", "scenes", "coco"] = Field(
+        "digits", description="Catalog entry that reads the raw data."
+    )
+    source: str | None = Field(
+        None, description="Raw data path (imagefolder root, npz file, IDX folder, COCO json)."
+    )
+    data_dir: str = Field("data", description="Where prepared datasets are written (DVC-tracked).")
+    image_size: int | None = Field(
+        None, ge=4, description="Resize images to this square size when preparing (None: keep)."
+    )
+    channels: Literal[1, 3] | None = Field(
+        None, description="Force grayscale (1) or RGB (3); None keeps the dataset's own."
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of training data for validation.")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share held out for test, where the dataset has no test split."
+    )
+    split_seed: int = Field(0, description="Seed of the stratified split (changes the data version).")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error", description="Imagefolder: stop at an unreadable image, or skip and count it."
+    )
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    scenes: dict[str, Any] = Field(
+        default_factory=dict, description="Detection scene generator options (kind 'scenes')."
+    )
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> DataSpec:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+class TrainSpec(_Spec):
+    """Optimisation, precision, distribution and checkpointing of one training run."""
+
+    epochs: int = Field(30, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="Global batch size. With N workers each takes batch_size / (N x grad_accum) "
+        "per step, so the optimisation is the same whatever N is.",
+    )
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimiser.")
+    lr: float = Field(0.1, gt=0, description="Peak learning rate (for the global batch size).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov).")
+    weight_decay: float = Field(5e-4, ge=0, description="Decoupled (AdamW) or L2 (SGD) weight decay.")
+    schedule: Literal["cosine", "onecycle", "constant"] = Field(
+        "onecycle", description="Learning-rate schedule, stepped every optimiser step."
+    )
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up (cosine schedule only).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    seed: int = Field(0, description="Seeds torch, numpy and Python; same seed, same run.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="'auto': bf16 autocast on CUDA with bf16 support, or on a CPU with AMX-BF16; "
+        "fp32 elsewhere.",
+    )
+    channels_last: bool | None = Field(
+        None, description="channels_last memory format; None: on whenever bf16 is used."
+    )
+    workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs the loop in-process.")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU + gloo otherwise.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per Ray Train worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers on nodes."
+    )
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: all CPUs).")
+    checkpoint_every: int = Field(1, ge=1, description="Epochs between checkpoints.")
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept (best by val_acc).")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
+    storage_path: str = Field(
+        ".scalelab/runs", description="Checkpoints and run state: a folder or s3://bucket/prefix."
+    )
+    run_name: str | None = Field(
+        None, description="Stable run name; running again with it resumes from its checkpoint."
+    )
+    output_dir: str = Field("outputs", description="Where the final model (safetensors + spec) goes.")
+
+
+class TrackingSpec(_Spec):
+    """Where runs are tracked."""
+
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, the running `scalelab up` "
+        "stack, or sqlite:///.scalelab/mlflow.db.",
+    )
+    experiment: str = Field("scalelab", description="MLflow experiment name.")
+    enabled: bool = Field(True, description="Log to MLflow at all.")
+
+
+class ParamSpace(_Spec):
+    """One searched dimension: exactly one of the distributions."""
+
+    choice: list[Any] | None = Field(None, description="Pick one of these values.")
+    uniform: tuple[float, float] | None = Field(None, description="Uniform float in [low, high].")
+    loguniform: tuple[float, float] | None = Field(None, description="Log-uniform in [low, high].")
+    randint: tuple[int, int] | None = Field(None, description="Integer in [low, high).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ParamSpace:
+        given = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of choice/uniform/loguniform/randint, got {given or 'none'}"
+            )
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice must list at least one value")
+        for k in ("uniform", "loguniform", "randint"):
+            rng = getattr(self, k)
+            if rng is not None and not rng[0] < rng[1]:
+                raise ValueError(f"{k}: low {rng[0]} must be < high {rng[1]}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: low must be > 0")
+        return self
+
+
+class SearchSpec(_Spec):
+    """Ray Tune search over any recipe field (dotted keys)."""
+
+    space: dict[str, ParamSpace] = Field(
+        default_factory=dict, description="Dotted recipe key -> distribution, e.g. model.scales."
+    )
+    algorithm: Literal["optuna", "random", "grid"] = Field("optuna", description="Search algorithm.")
+    scheduler: Literal["asha", "none"] = Field("asha", description="Early stopping of poor trials.")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped.")
+    reduction_factor: float = Field(3, gt=1, description="ASHA: keep 1/this of trials per rung.")
+    max_epochs: int | None = Field(None, ge=1, description="Epochs per trial (default: train.epochs).")
+    num_samples: int = Field(8, ge=1, description="Trials to run (per grid point for grid).")
+    max_concurrent_trials: int = Field(2, ge=1, description="Trials running at once.")
+    seed: int = Field(0, description="Searcher seed.")
+    metric: str = Field("val_acc", description="Metric to optimise.")
+    mode: Literal["max", "min"] = Field("max", description="Maximise or minimise the metric.")
+    max_params: int | None = Field(None, ge=1, description="Never launch configs with more params.")
+    max_flops: int | None = Field(None, ge=1, description="Never launch configs with more FLOPs/image.")
+    trial_mode: Literal["local", "workers"] = Field(
+        "local", description="'local': loop in the trial process; 'workers': a TorchTrainer per trial."
+    )
+    cpus_per_trial: float = Field(1, gt=0, description="CPUs reserved per trial (local mode).")
+    output_dir: str = Field(".scalelab/tune", description="Results table, best.yaml, Tune state.")
+
+
+class PromotionSpec(_Spec):
+    """Registry name and the gate a candidate must pass to become @champion."""
+
+    model_name: str | None = Field(None, description="Registered model name (default: recipe name).")
+    min_accuracy: float = Field(0.9, ge=0, le=1, description="Absolute floor on test accuracy.")
+    min_delta: float = Field(0.0, ge=0, description="Required test-accuracy gain over the champion.")
+    latency_p95_ms: float = Field(50.0, gt=0, description="Budget for p95 single-image prediction.")
+    smoke_images: int = Field(8, ge=0, description="Known test images that must be predicted right.")
+
+
+class ServeSpec(_Spec):
+    """Ray Serve deployment of a registered model."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address (loopback by default).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    route_prefix: str = Field("/", description="Route prefix of the application.")
+    num_replicas: int = Field(1, ge=1, description="Fixed replicas (ignored when autoscaling).")
+    autoscaling: bool = Field(False, description="Autoscale between min and max replicas.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling floor.")
+    max_replicas: int = Field(2, ge=1, description="Autoscaling ceiling.")
+    target_ongoing_requests: float = Field(8, gt=0, description="Autoscaling target per replica.")
+    cpus_per_replica: float = Field(1, gt=0, description="CPUs per model replica.")
+    gpus_per_replica: float = Field(0, ge=0, description="GPUs per model replica.")
+    max_batch_size: int = Field(32, ge=1, description="Dynamic batching: largest batch.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="Dynamic batching: wait for more.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Per replica; beyond it requests queue.")
+    max_queued_requests: int = Field(256, ge=-1, description="Queue bound; beyond it a fast 503.")
+    max_body_bytes: int = Field(8_000_000, ge=1024, description="Request body limit (413 above).")
+    max_images: int = Field(64, ge=1, description="Images per request.")
+    max_pixels: int = Field(16_000_000, ge=64, description="Pixels per image (decompression bombs).")
+    top_k: int = Field(5, ge=1, description="Classes returned per image.")
+    api_key_env: str = Field(
+        "SCALELAB_API_KEY", description="Environment variable holding the API key (unset: no auth)."
+    )
+    poll_interval_s: float = Field(5.0, gt=0, description="How often the registry alias is polled.")
+
+
+class RecipeSpec(_Spec):
+    """A whole recipe: data, model, training, tracking, search, promotion, serving."""
+
+    name: str = Field("digits", description="Recipe name; used for run and model names.")
+    description: str = Field("", description="Shown in the registry and reports.")
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"name {v!r} may only hold letters, digits, '-', '_' and '.'")
+        return v

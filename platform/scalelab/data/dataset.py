@@ -1,0 +1,190 @@
+"""The canonical in-memory dataset: uint8 images + int labels, split, with metadata.
+
+Every catalog entry (digits, Fashion-MNIST, imagefolder, npz, ...) is turned into this form by
+``scalelab data prepare`` and written to ``data/<name>/`` as ``{train,val,test}.npz`` +
+``metadata.json``; training only ever reads that prepared form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scalelab.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # (N, H, W, C) uint8
+    y: np.ndarray  # (N,) int64
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or self.x.dtype != np.uint8:
+            raise DataError(f"images must be uint8 (N, H, W, C), got {self.x.dtype} {self.x.shape}")
+        if len(self.x) != len(self.y):
+            raise DataError(f"{len(self.x)} images but {len(self.y)} labels: lengths must match")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class DataVersion:
+    """Exactly which data a run saw: dataset name, DVC content hash, git revision, remote."""
+
+    name: str
+    content_hash: str
+    rev: str | None = None
+    remote: str | None = None
+    path: str | None = None
+
+    def as_tags(self) -> dict[str, str]:
+        return {
+            "data.name": self.name,
+            "data.hash": self.content_hash,
+            "data.rev": self.rev or "",
+            "data.remote": self.remote or "",
+            "data.path": self.path or "",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Dataset:
+    """Prepared splits plus what training and serving must agree on (classes, mean/std, shape)."""
+
+    name: str
+    splits: dict[str, Split]
+    classes: list[str]
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    task: str = "classification"
+    hflip_ok: bool = True
+    version: DataVersion | None = None
+
+    def __post_init__(self) -> None:
+        if not self.mean:
+            self.mean, self.std = channel_stats(self.splits["train"].x)
+
+    @property
+    def channels(self) -> int:
+        return int(self.splits["train"].x.shape[-1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.splits["train"].x.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def metadata(self) -> dict[str, Any]:
+        tr = self.splits["train"].x
+        return {
+            "name": self.name,
+            "task": self.task,
+            "classes": self.classes,
+            "num_classes": self.num_classes,
+            "shape": list(tr.shape[1:]),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "mean": self.mean,
+            "std": self.std,
+            "hflip_ok": self.hflip_ok,
+            "split_sizes": {k: len(v) for k, v in self.splits.items()},
+        }
+
+
+def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of uint8 images, in [0, 1] units."""
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
+    return flat.mean(0).round(6).tolist(), np.maximum(flat.std(0), 1e-6).round(6).tolist()
+
+
+def stratified_split(
+    y: np.ndarray, fractions: tuple[float, ...], seed: int
+) -> list[np.ndarray]:
+    """Split indices so each part keeps the class proportions; deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for cls in np.unique(y):
+        idx = np.flatnonzero(y == cls)
+        rng.shuffle(idx)
+        cuts = np.cumsum([round(f * len(idx)) for f in fractions])
+        for i, chunk in enumerate(np.split(idx, cuts)):
+            parts[i].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_prepared(ds: Dataset, out_dir: str | Path) -> Path:
+    """Write the canonical form atomically: a temp folder renamed into place when complete."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    checksums = {}
+    for name, split in ds.splits.items():
+        path = tmp / f"{name}.npz"
+        np.savez(path, x=split.x, y=split.y.astype(np.int64))
+        checksums[path.name] = sha256_file(path)
+    meta = {**ds.metadata(), "checksums": checksums}
+    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def read_prepared(path: str | Path, verify: bool = True) -> Dataset:
+    """Read ``data/<name>/``; with ``verify`` each file's checksum must match metadata.json."""
+    root = Path(path)
+    meta_path = root / "metadata.json"
+    if not meta_path.is_file():
+        raise DataError(
+            f"no prepared dataset at {root} (metadata.json missing); run "
+            f"`scalelab data prepare <recipe>` or `dvc pull` / `dvc checkout` first"
+        )
+    meta = json.loads(meta_path.read_text())
+    splits = {}
+    for name in SPLITS:
+        f = root / f"{name}.npz"
+        if not f.is_file():
+            raise DataError(f"{f} is missing; run `scalelab data prepare` or `dvc checkout`")
+        if verify and meta.get("checksums", {}).get(f.name) not in (None, sha256_file(f)):
+            raise DataError(
+                f"{f} does not match its checksum in {meta_path}: the file changed after preparing; "
+                f"run `dvc checkout {root}` or `scalelab data prepare` again"
+            )
+        with np.load(f, allow_pickle=False) as z:
+            splits[name] = Split(z["x"], z["y"])
+    return Dataset(
+        name=meta["name"],
+        splits=splits,
+        classes=list(meta["classes"]),
+        mean=meta["mean"],
+        std=meta["std"],
+        task=meta.get("task", "classification"),
+        hflip_ok=meta.get("hflip_ok", True),
+    )

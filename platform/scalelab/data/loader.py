@@ -1,0 +1,111 @@
+"""In-memory tensor loading: sharded like DistributedSampler, normalised and augmented on tensors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+from scalelab.config.specs import AugmentSpec
+from scalelab.data.dataset import Split
+
+
+class _IndexSet(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TensorLoader:
+    """Yields ``(x, y)`` batches: x float (B, C, H, W) normalised, y int64 (B,).
+
+    Images stay uint8 in memory (4x smaller than float) and are converted per batch. Indices
+    come from ``DistributedSampler``, so N workers see disjoint shards of each epoch's shuffle;
+    call ``set_epoch`` every epoch, as with any distributed sampler.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        mean: list[float],
+        std: list[float],
+        *,
+        shuffle: bool = False,
+        augment: AugmentSpec | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+    ) -> None:
+        self.x = torch.from_numpy(np.ascontiguousarray(split.x.transpose(0, 3, 1, 2)))  # (N, C, H, W)
+        self.y = torch.from_numpy(split.y.astype(np.int64))
+        self.batch_size = batch_size
+        self.augment = augment if shuffle else None
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.drop_last = drop_last
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.sampler = DistributedSampler(
+            _IndexSet(len(self.y)), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+            drop_last=drop_last and world_size > 1,
+        )
+        self.generator = torch.Generator().manual_seed(seed + 7919 * rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(self.sampler.seed + 7919 * self.sampler.rank + epoch)
+
+    def __len__(self) -> int:
+        n = self.sampler.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        idx = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        for b in range(len(self)):
+            sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self.x[sel].float()
+            if self.augment is not None:
+                x = augment_batch(x, self.augment, self.generator)
+            x = (x - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x.to(self.device, non_blocking=True), self.y[sel].to(self.device, non_blocking=True)
+
+
+def augment_batch(x: torch.Tensor, aug: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with padding, horizontal flip, random erasing, on a float batch (B, C, H, W)."""
+    b, _, h, w = x.shape
+    if aug.crop_padding:
+        p = aug.crop_padding
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=gen)
+        rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).view(b, 1, h, 1)
+        cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).view(b, 1, 1, w)
+        bidx = torch.arange(b).view(b, 1, 1, 1)
+        cidx = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+        x = padded[bidx, cidx, rows, cols]
+    if aug.hflip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+    if aug.random_erasing > 0:
+        erase = torch.rand(b, generator=gen) < aug.random_erasing
+        eh = torch.randint(h // 4, h // 2 + 1, (b,), generator=gen)
+        ew = torch.randint(w // 4, w // 2 + 1, (b,), generator=gen)
+        y0 = (torch.rand(b, generator=gen) * (h - eh + 1)).long()
+        x0 = (torch.rand(b, generator=gen) * (w - ew + 1)).long()
+        ys = torch.arange(h).view(1, h, 1)
+        xs = torch.arange(w).view(1, 1, w)
+        box = (ys >= y0.view(b, 1, 1)) & (ys < (y0 + eh).view(b, 1, 1))
+        box &= (xs >= x0.view(b, 1, 1)) & (xs < (x0 + ew).view(b, 1, 1))
+        mask = (box & erase.view(b, 1, 1)).unsqueeze(1)  # (B, 1, H, W)
+        x = x.masked_fill(mask, 0.0)
+    return x

@@ -1,0 +1,1 @@
+"""Readers for the other catalog kinds (fashion-mnist, imagefolder, npz) register here."""

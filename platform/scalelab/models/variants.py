@@ -1,0 +1,76 @@
+"""The registered model family. A variant is a name and a few fields of ModelSpec.
+
+Baselines (``scales=1``) are sized to match their multi-scale partner's parameter count within a
+few percent, so comparisons are fair; ``tests/unit/test_models.py`` checks the match.
+"""
+
+from scalelab.models.registry import register_model
+
+
+@register_model
+def msresnet_tiny():
+    """Smallest multi-scale model, for tests and smoke runs."""
+    return dict(depths=[1, 1, 1], widths=[32, 64, 128], stem_width=16, scales=4, bottleneck_ratio=0.5)
+
+
+@register_model
+def resnet_tiny():
+    """Plain bottleneck ResNet partner of msresnet_tiny (matched parameters)."""
+    return dict(depths=[1, 1, 1], widths=[32, 64, 128], stem_width=16, scales=1, bottleneck_ratio=0.28125)
+
+
+@register_model
+def msresnet_s():
+    """Default for small images (digits, 8-32 px): 3 stages, Res2Net scales=4, mean-logit head."""
+    return dict(depths=[2, 2, 2], widths=[64, 128, 256], stem_width=32, scales=4, bottleneck_ratio=1.0)
+
+
+@register_model
+def resnet_s():
+    """Plain bottleneck ResNet partner of msresnet_s (scales=1, matched parameters)."""
+    return dict(depths=[2, 2, 2], widths=[64, 128, 256], stem_width=32, scales=1, bottleneck_ratio=0.53125)
+
+
+@register_model
+def msresnet_s_se():
+    """msresnet_s with squeeze-and-excitation in every block."""
+    return dict(msresnet_s(), se=True)
+
+
+@register_model
+def msresnet_s_dw():
+    """msresnet_s with depthwise-separable split convolutions (fewer FLOPs)."""
+    return dict(msresnet_s(), depthwise=True)
+
+
+@register_model
+def msresnet_s_mixk():
+    """msresnet_s with mixed 3x3 / 5x5 kernels across the splits."""
+    return dict(msresnet_s(), kernel_sizes=[3, 5])
+
+
+@register_model
+def msresnet_m():
+    """Fashion-MNIST-sized (28 px) model, under 1M parameters, concatenated multi-scale head."""
+    return dict(
+        depths=[2, 2, 2], widths=[64, 128, 256], stem_width=32, scales=4, bottleneck_ratio=1.0,
+        head="concat", head_stages=[-2, -1],
+    )
+
+
+@register_model
+def resnet_m():
+    """Plain partner of msresnet_m (scales=1, matched parameters)."""
+    return dict(
+        depths=[2, 2, 2], widths=[64, 128, 256], stem_width=32, scales=1, bottleneck_ratio=0.53125,
+        head="concat", head_stages=[-2, -1],
+    )
+
+
+@register_model
+def msresnet_l():
+    """For large images (>= 64 px): ImageNet-style stem, four stages."""
+    return dict(
+        stem="large", depths=[2, 2, 2, 2], widths=[64, 128, 256, 512], stem_width=32, scales=4,
+        bottleneck_ratio=0.5, head="mean_logits", head_stages=[-2, -1],
+    )

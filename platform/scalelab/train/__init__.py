@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, checkpoints, evaluation, local and Ray Train runners."""

@@ -1,0 +1,226 @@
+"""The per-worker training loop: plain functions of (spec, dataset, model), no Ray inside.
+
+``fit`` runs in-process (local mode) or inside a Ray Train worker unchanged: when a torch
+process group is initialised it wraps the model in DDP and shards data by rank. It reports
+through one callable, ``report(metrics, checkpoint_dir_or_None)``, which the caller binds to the
+console, to MLflow or to ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from scalelab.config.specs import RecipeSpec
+from scalelab.data.dataset import Dataset
+from scalelab.data.loader import TensorLoader
+from scalelab.models.factory import build_model, count_params
+from scalelab.models.resnet import classification_loss
+from scalelab.train.checkpoint import restore_training_checkpoint, save_training_checkpoint
+from scalelab.train.evaluate import EvalResult, evaluate
+from scalelab.train.runtime import Runtime, seed_everything, select_runtime, set_threads
+
+Report = Callable[[dict[str, Any], "str | None"], None]
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, Any]]
+    test: EvalResult
+    val: EvalResult
+    runtime: Runtime
+    params: int
+    start_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def per_worker_batch(global_batch: int, world_size: int, accum: int) -> int:
+    """The global batch is fixed by the recipe: each worker takes its share of each micro-step."""
+    share = global_batch // (world_size * accum)
+    if share < 1:
+        raise ValueError(
+            f"train.batch_size={global_batch} is too small for {world_size} workers x "
+            f"{accum} accumulation steps; raise the batch size or lower workers/grad_accum_steps"
+        )
+    return share
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak LR at an optimiser step."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "onecycle":  # 30% linear ramp from 1/25, then cosine to ~0
+        ramp = max(1, int(0.3 * total))
+        if step < ramp:
+            return 0.04 + 0.96 * step / ramp
+        t = (step - ramp) / max(1, total - ramp)
+        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def build_optimizer(spec: RecipeSpec, model: nn.Module) -> torch.optim.Optimizer:
+    t = spec.train
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0)
+
+
+def bundle_meta(spec: RecipeSpec, data: Dataset, runtime: Runtime | None = None) -> dict[str, Any]:
+    return {
+        "recipe": spec.model_dump(mode="json"),
+        "dataset": data.metadata(),
+        "data_version": data.version.to_dict() if data.version else None,
+        "precision": runtime.precision if runtime else None,
+    }
+
+
+def fit(
+    spec: RecipeSpec,
+    data: Dataset,
+    report: Report | None = None,
+    resume_from: str | Path | None = None,
+    device: torch.device | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Train ``spec`` on ``data``; returns the model, per-epoch history and test evaluation."""
+    t = spec.train
+    rank, world_size = world()
+    set_threads(t.threads)
+    seed_everything(t.seed + rank)
+    runtime = select_runtime(t, device)
+    if runtime.device.type == "cuda" and world_size > 1:
+        torch.cuda.set_device(runtime.device)
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = build_model(spec.model, data.channels, data.num_classes, data.image_size).to(runtime.device)
+    params = count_params(model)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(spec, model)
+
+    micro = per_worker_batch(t.batch_size, world_size, t.grad_accum_steps)
+    loader_args = dict(mean=data.mean, std=data.std, device=runtime.device, channels_last=runtime.channels_last)
+    train_loader = TensorLoader(
+        data.splits["train"], micro, shuffle=True, augment=spec.data.augment, seed=t.seed, rank=rank,
+        world_size=world_size, drop_last=True, **loader_args,
+    )
+    val_loader = TensorLoader(data.splits["val"], 256, rank=rank, world_size=world_size, **loader_args)
+    test_loader = TensorLoader(data.splits["test"], 256, rank=rank, world_size=world_size, **loader_args)
+
+    steps_per_epoch = max(1, len(train_loader) // t.grad_accum_steps)
+    total_steps = steps_per_epoch * t.epochs
+    warmup = int(t.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(t.schedule, s, total_steps, warmup)
+    )
+
+    start_epoch, history = 0, []
+    if resume_from is not None:
+        start_epoch, history = restore_training_checkpoint(resume_from, model, optimizer, scheduler)
+    seed_everything(t.seed + rank + 1000 * start_epoch)  # resumed runs continue a fresh stream
+
+    train_model: nn.Module = model
+    if world_size > 1:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    val = None
+    for epoch in range(start_epoch, t.epochs):
+        metrics = train_one_epoch(spec, train_model, train_loader, optimizer, scheduler, runtime, epoch)
+        val = evaluate(model, val_loader, data.num_classes, runtime)
+        metrics.update(val.as_metrics("val"))
+        metrics.update(epoch=epoch + 1, params=params, world_size=world_size, resumed_from=start_epoch)
+        history.append(metrics)
+        is_ckpt = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
+        if report is not None:
+            if is_ckpt:
+                with tempfile.TemporaryDirectory(prefix="scalelab-ckpt-") as tmp:
+                    if rank == 0:
+                        save_training_checkpoint(
+                            tmp, model, optimizer, scheduler, epoch + 1, history, bundle_meta(spec, data, runtime)
+                        )
+                    report(metrics, tmp if rank == 0 else None)
+            else:
+                report(metrics, None)
+        if should_stop is not None and should_stop():
+            break
+
+    if val is None:  # resumed after the last epoch: nothing left to train
+        val = evaluate(model, val_loader, data.num_classes, runtime)
+    test = evaluate(model, test_loader, data.num_classes, runtime)
+    return FitResult(model, history, test, val, runtime, params, start_epoch)
+
+
+def train_one_epoch(
+    spec: RecipeSpec,
+    model: nn.Module,
+    loader: TensorLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    runtime: Runtime,
+    epoch: int,
+) -> dict[str, float]:
+    t = spec.train
+    aux_weight = spec.model.aux_weight
+    model.train()
+    loader.set_epoch(epoch)
+    loss_sum, seen, correct = 0.0, 0, 0
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(loader):
+        last_micro = (i + 1) % t.grad_accum_steps == 0
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else _null()
+        with sync:
+            with runtime.autocast():
+                outputs = model(x, with_aux=True)
+            loss = classification_loss(outputs, y, aux_weight, t.label_smoothing)
+            (loss / t.grad_accum_steps).backward()
+        if last_micro:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.item() * len(y)
+        correct += (outputs[0].argmax(1) == y).sum().item()
+        seen += len(y)
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    _, world_size = world()
+    return {
+        "train_loss": loss_sum / max(1, seen),
+        "train_acc": correct / max(1, seen),
+        "lr": optimizer.param_groups[0]["lr"],
+        "epoch_seconds": elapsed,
+        "images_per_s": seen * world_size / max(elapsed, 1e-9),
+    }
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -20,6 +20,7 @@ class TrainOutcome:
     model_dir: Path
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
+    run_id: str | None = None  # the MLflow run, when tracking is enabled
 
 
 def default_run_name(spec: RecipeSpec) -> str:

@@ -1,0 +1,1 @@
+"""Local cluster and services (Ray head/workers, MLflow server, S3 server), job submission."""

@@ -1,0 +1,131 @@
+"""Start and stop the local services scalelab relies on, as real processes we own by pid.
+
+Used by ``scalelab up`` and by the test fixtures: an MLflow tracking server (SQL backend) and an
+S3-compatible server (moto's server mode). Everything binds to 127.0.0.1 unless told otherwise.
+Nothing here ever kills by name: a :class:`Service` stops exactly the process group it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from scalelab.errors import ScalelabError
+
+BIN = Path(sys.executable).parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    url: str
+    log: str
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        try:  # a zombie child counts as dead
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+            return done == 0
+        except ChildProcessError:
+            return True
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Terminate the process group we started (the server and its workers), then reap."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.time() + timeout
+            while time.time() < deadline and self.alive():
+                time.sleep(0.1)
+            if not self.alive():
+                return
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: str = "") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = Path(log).read_text()[-2000:] if log and Path(log).exists() else ""
+            raise ScalelabError(f"{url} exited with code {proc.returncode} while starting:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.3)
+    raise ScalelabError(f"{url} did not answer within {timeout:.0f}s (log: {log})")
+
+
+def _spawn(name: str, cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+        )
+
+
+def start_mlflow_server(
+    state_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    backend_uri: str | None = None,
+    artifacts_destination: str | None = None,
+    timeout: float = 120.0,
+    extra_env: dict | None = None,
+) -> Service:
+    """``mlflow server`` with a SQLite backend under ``state_dir`` (or ``backend_uri``)."""
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    backend = backend_uri or f"sqlite:///{state / 'mlflow.db'}"
+    artifacts = artifacts_destination or str(state / "mlartifacts")
+    log = state / f"mlflow-{port}.log"
+    cmd = [
+        str(BIN / "mlflow"), "server", "--host", host, "--port", str(port),
+        "--backend-store-uri", backend, "--artifacts-destination", artifacts, "--workers", "1",
+    ]
+    proc = _spawn("mlflow", cmd, log, extra_env)
+    url = f"http://{host}:{port}"
+    try:
+        wait_http(f"{url}/health", timeout, proc, str(log))
+    except ScalelabError:
+        Service("mlflow", proc.pid, url, str(log)).stop()
+        raise
+    return Service("mlflow", proc.pid, url, str(log))
+
+
+def start_s3_server(state_dir: str | Path, host: str = "127.0.0.1", port: int | None = None,
+                    timeout: float = 60.0) -> Service:
+    """moto's S3-compatible server on loopback (real HTTP, not an in-process mock)."""
+    state = Path(state_dir).resolve()
+    port = port or free_port(host)
+    log = state / f"s3-{port}.log"
+    proc = _spawn("s3", [str(BIN / "moto_server"), "-H", host, "-p", str(port)], log)
+    url = f"http://{host}:{port}"
+    try:
+        wait_http(f"{url}/moto-api/", timeout, proc, str(log))
+    except ScalelabError:
+        Service("s3", proc.pid, url, str(log)).stop()
+        raise
+    return Service("s3", proc.pid, url, str(log))

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "scalelab.train.commands",
     "scalelab.data.commands",
     "scalelab.models.commands",
+    "scalelab.cluster.job_commands",
 ]
 
 app = typer.Typer(

@@ -203,6 +203,11 @@ class TrainSpec(_Spec):
     storage_path: str = Field(
         ".scalelab/runs", description="Checkpoints and run state: a folder or s3://bucket/prefix."
     )
+    storage_endpoint: str | None = Field(
+        None,
+        description="S3-compatible endpoint URL (e.g. http://127.0.0.1:9000) for an s3:// storage_path; "
+        "None: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS itself.",
+    )
     run_name: str | None = Field(
         None, description="Stable run name; running again with it resumes from its checkpoint."
     )
@@ -219,6 +224,15 @@ class TrackingSpec(_Spec):
     )
     experiment: str = Field("scalelab", description="MLflow experiment name.")
     enabled: bool = Field(True, description="Log to MLflow at all.")
+    flush_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="At the end of a run, how long to keep retrying log calls buffered while the "
+        "tracking server was unreachable before warning that they are lost (and saving them locally).",
+    )
+    log_model: bool = Field(
+        True, description="Also log the model with mlflow.pytorch.log_model (pt2), for `mlflow models`."
+    )
 
 
 class ParamSpace(_Spec):
@@ -328,3 +342,64 @@ class RecipeSpec(_Spec):
         if not v or not all(c.isalnum() or c in "-_." for c in v):
             raise ValueError(f"name {v!r} may only hold letters, digits, '-', '_' and '.'")
         return v
+
+
+class JobResources(_Spec):
+    """Resources reserved for the job's entrypoint (the driver), not for its Ray Train workers."""
+
+    num_cpus: float = Field(1, ge=0, description="CPUs for the entrypoint process.")
+    num_gpus: float = Field(0, ge=0, description="GPUs for the entrypoint process.")
+    memory_gb: float | None = Field(None, gt=0, description="Memory for the entrypoint (GiB).")
+
+
+class JobRuntimeEnv(_Spec):
+    """Ray runtime environment of the job."""
+
+    working_dir: str | None = Field(".", description="Uploaded to the cluster; None: use the image's copy.")
+    excludes: list[str] = Field(
+        default_factory=lambda: ["/.venv", "/.git", "/.scalelab", "/outputs", "/reports", "/data", "/.dvc/cache",
+                                 "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"],
+        description="Paths left out of the uploaded working dir (gitignore syntax; '/x' = top-level x).",
+    )
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the job.")
+    pip: list[str] = Field(default_factory=list, description="Extra pip packages installed for the job.")
+
+
+class ClusterSettings(_Spec):
+    """Cluster-level settings, turned into recipe overrides at submission."""
+
+    workers: int | None = Field(None, ge=0, description="Ray Train workers (train.workers).")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per training worker (train.use_gpu if > 0).")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per training worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = Field(
+        None, description="Placement of the training workers across nodes."
+    )
+    storage_path: str | None = Field(
+        None, description="Checkpoint storage shared by all nodes (s3://... or a shared file system)."
+    )
+
+
+class JobSpec(_Spec):
+    """A cluster job: which scalelab verb on which recipe, with what environment and resources."""
+
+    name: str = Field(..., description="Job name, used in the submission id.")
+    verb: Literal["train", "tune", "pipeline", "serve", "data", "evaluate"] = Field(
+        ..., description="The scalelab verb the job runs."
+    )
+    args: list[str] = Field(
+        default_factory=list, description="Arguments of the verb before the recipe (e.g. ['run'] for pipeline)."
+    )
+    recipe: str | None = Field(None, description="Recipe path, relative to the working dir.")
+    overrides: list[str] = Field(default_factory=list, description="Dotted recipe overrides.")
+    runtime_env: JobRuntimeEnv = Field(default_factory=JobRuntimeEnv)
+    resources: JobResources = Field(default_factory=JobResources)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    submission_id: str = Field(
+        "scalelab-{name}-{timestamp}",
+        description="Pattern of the Ray submission id; {name}, {timestamp}, {user} are filled in.",
+    )
+    python: str | None = Field(
+        None,
+        description="The cluster's Python; None: the one `scalelab up` recorded, else `python` on the "
+        "node's PATH (a container image's own interpreter).",
+    )

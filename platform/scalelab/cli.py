@@ -18,9 +18,14 @@ from scalelab.errors import ScalelabError
 
 COMMAND_MODULES = [
     "scalelab.train.commands",
+    "scalelab.train.evaluate_cmd",
     "scalelab.data.commands",
     "scalelab.models.commands",
+    "scalelab.cluster.commands",
+    "scalelab.registry.commands",
+    "scalelab.serve.commands",
     "scalelab.cluster.job_commands",
+    "scalelab.tune.commands",
 ]
 
 app = typer.Typer(

@@ -66,3 +66,74 @@ def ray_session():
 def tracking_uri(mlflow_server, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     return mlflow_server.url
+
+
+# ----------------------------------------------------------------------------- DVC repositories (issue 3)
+
+
+@pytest.fixture()
+def sh(monkeypatch, tmp_path):
+    """Run a real command (``dvc``, ``git``, ``scalelab`` of this venv first on PATH) in the cwd.
+
+    DVC analytics are off and DVC's site cache lives in the test's temp folder; git identity comes
+    from the environment, so nothing global is written.
+    """
+    import subprocess
+    import sys
+
+    bin_dir = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site-cache"))
+    for var, value in (("GIT_AUTHOR_NAME", "test"), ("GIT_AUTHOR_EMAIL", "test@example.com"),
+                       ("GIT_COMMITTER_NAME", "test"), ("GIT_COMMITTER_EMAIL", "test@example.com")):
+        monkeypatch.setenv(var, value)
+
+    def run(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+@pytest.fixture()
+def dvc_repo(tmp_path, monkeypatch, sh) -> Path:
+    """A fresh git + DVC repository in a temp folder, made the cwd (never the project's .dvc)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    sh("dvc", "config", "core.analytics", "false")
+    return repo
+
+
+# ------------------------------------------------------------------------ registry + serving (issues 6, 7)
+
+
+@pytest.fixture(scope="session")
+def digits_bundles(tmp_path_factory) -> dict:
+    """Three real digits models (msresnet_tiny, trained in-process once per session), as bundle folders:
+    ``good`` (12 epochs, ~96%), ``bad`` (1 epoch, ~10-40%), ``better`` (25 epochs, ~98%)."""
+    from scalelab.config import load_recipe
+    from scalelab.train.api import run_training
+
+    root = tmp_path_factory.mktemp("digits-bundles")
+    (root / "pipelines").symlink_to(Path(__file__).resolve().parents[2] / "pipelines")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        out = {}
+        for label, epochs in (("good", 12), ("bad", 1), ("better", 25)):
+            spec = load_recipe("pipelines/digits.yaml", [
+                "model.variant=msresnet_tiny", f"train.epochs={epochs}", "train.threads=1",
+                "tracking.enabled=false", f"train.run_name={label}",
+            ])
+            outcome = run_training(spec)
+            out[label] = {"dir": outcome.model_dir.resolve(), "test_acc": outcome.metrics["test_acc"]}
+        return out
+    finally:
+        os.chdir(old)

@@ -309,6 +309,9 @@ class ServeSpec(_Spec):
     target_ongoing_requests: float = Field(8, gt=0, description="Autoscaling target per replica.")
     cpus_per_replica: float = Field(1, gt=0, description="CPUs per model replica.")
     gpus_per_replica: float = Field(0, ge=0, description="GPUs per model replica.")
+    batching: bool = Field(
+        True, description="Dynamic batching with @serve.batch; false runs each request on its own."
+    )
     max_batch_size: int = Field(32, ge=1, description="Dynamic batching: largest batch.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Dynamic batching: wait for more.")
     max_ongoing_requests: int = Field(64, ge=1, description="Per replica; beyond it requests queue.")
@@ -321,6 +324,11 @@ class ServeSpec(_Spec):
         "SCALELAB_API_KEY", description="Environment variable holding the API key (unset: no auth)."
     )
     poll_interval_s: float = Field(5.0, gt=0, description="How often the registry alias is polled.")
+    app_name: str | None = Field(None, description="Serve application name (default: scalelab-<model>).")
+    image: str = Field(
+        "ghcr.io/scalelab/scalelab:0.1.0-gpu",
+        description="Container image (scalelab installed) for the RayService manifest.",
+    )
 
 
 class RecipeSpec(_Spec):

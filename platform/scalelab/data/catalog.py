@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from scalelab.config.specs import DataSpec
-from scalelab.data.dataset import Dataset, Split, read_prepared, stratified_split, write_prepared
+from scalelab.data.dataset import (
+    Dataset,
+    DataVersion,
+    Split,
+    read_prepared,
+    stratified_split,
+    write_prepared,
+)
 from scalelab.errors import DataError
 
 _READERS: dict[str, Callable[[DataSpec], Dataset]] = {}
@@ -31,7 +38,8 @@ def split_arrays(
     if len(np.unique(y)) < 2:
         raise DataError(f"dataset {spec.name!r} has a single class; classification needs at least two")
     if test is None:
-        test_idx, val_idx, train_idx = stratified_split(y, (spec.test_fraction, spec.val_fraction), spec.split_seed)
+        fractions = (spec.test_fraction, spec.val_fraction)
+        test_idx, val_idx, train_idx = stratified_split(y, fractions, spec.split_seed)
         test = (x[test_idx], y[test_idx])
     else:
         val_idx, train_idx = stratified_split(y, (spec.val_fraction,), spec.split_seed)
@@ -73,11 +81,29 @@ def prepare(spec: DataSpec) -> Path:
     return write_prepared(read_raw(spec), prepared_path(spec))
 
 
-def load_dataset(spec: DataSpec, prepare_if_missing: bool = True) -> Dataset:
-    """The prepared dataset; prepared on the fly (in memory and on disk) when absent."""
+def load_dataset(
+    spec: DataSpec, prepare_if_missing: bool = True, version: DataVersion | None = None
+) -> Dataset:
+    """The prepared dataset with its :class:`DataVersion` set.
+
+    With ``version`` (handed from the driver to workers): exactly that version, read locally or
+    through DVC, never re-prepared. Without: ``data_dir/name``, prepared when absent (preparing is
+    deterministic, so the result matches dvc.lock when the recipe does); refused when it no longer
+    matches what DVC recorded.
+    """
+    from scalelab.data.versioning import load_data_version, resolve_data_version
+
+    if version is not None:
+        return load_data_version(version, local=prepared_path(spec))
     path = prepared_path(spec)
     if not (path / "metadata.json").exists():
         if not prepare_if_missing:
-            raise DataError(f"no prepared dataset at {path}; run `scalelab data prepare <recipe>`")
+            raise DataError(
+                f"no prepared dataset at {path}; run `scalelab data prepare <recipe>` "
+                f"(or `dvc pull {path}` where it is tracked by DVC)"
+            )
         prepare(spec)
-    return read_prepared(path)
+    version = resolve_data_version(spec)
+    data = read_prepared(path)
+    data.version = version
+    return data

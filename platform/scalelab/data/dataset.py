@@ -8,7 +8,9 @@ Every catalog entry (digits, Fashion-MNIST, imagefolder, npz, ...) is turned int
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +22,49 @@ from scalelab.errors import DataError
 SPLITS = ("train", "val", "test")
 
 
+BOX_FIELDS = ("boxes", "box_labels", "box_image_index")
+
+
 @dataclass
 class Split:
     x: np.ndarray  # (N, H, W, C) uint8
-    y: np.ndarray  # (N,) int64
+    y: np.ndarray  # (N,) int64; for detection: objects per image
+    # Detection only (all three or none): M boxes over the N images, flat, in image order.
+    boxes: np.ndarray | None = None  # (M, 4) float32 x1, y1, x2, y2 in pixels (x2, y2 exclusive)
+    box_labels: np.ndarray | None = None  # (M,) int64 class index
+    box_image_index: np.ndarray | None = None  # (M,) int64 index of the image holding each box
 
     def __post_init__(self) -> None:
         if self.x.ndim != 4 or self.x.dtype != np.uint8:
             raise DataError(f"images must be uint8 (N, H, W, C), got {self.x.dtype} {self.x.shape}")
         if len(self.x) != len(self.y):
             raise DataError(f"{len(self.x)} images but {len(self.y)} labels: lengths must match")
+        given = [f for f in BOX_FIELDS if getattr(self, f) is not None]
+        if given and len(given) != len(BOX_FIELDS):
+            raise DataError(f"detection splits need all of {BOX_FIELDS}, got only {given}")
+        if given:
+            m = len(self.boxes)
+            if self.boxes.shape != (m, 4) or len(self.box_labels) != m or len(self.box_image_index) != m:
+                raise DataError(
+                    f"boxes must be (M, 4) with M box_labels and box_image_index entries, got "
+                    f"{self.boxes.shape}, {len(self.box_labels)}, {len(self.box_image_index)}"
+                )
+            if m and (self.box_image_index.min() < 0 or self.box_image_index.max() >= len(self.x)):
+                raise DataError(f"box_image_index must lie in 0..{len(self.x) - 1}")
+
+    @property
+    def has_boxes(self) -> bool:
+        return self.boxes is not None
+
+    def box_arrays(self) -> dict[str, np.ndarray]:
+        """The detection arrays in their canonical dtypes (empty for classification splits)."""
+        if not self.has_boxes:
+            return {}
+        return {
+            "boxes": self.boxes.astype(np.float32),
+            "box_labels": self.box_labels.astype(np.int64),
+            "box_image_index": self.box_image_index.astype(np.int64),
+        }
 
     def __len__(self) -> int:
         return len(self.y)
@@ -40,10 +75,11 @@ class DataVersion:
     """Exactly which data a run saw: dataset name, DVC content hash, git revision, remote."""
 
     name: str
-    content_hash: str
-    rev: str | None = None
-    remote: str | None = None
-    path: str | None = None
+    content_hash: str  # DVC's md5 of the prepared folder ("<md5>.dir"), as dvc.lock records it
+    rev: str | None = None  # git revision whose dvc.lock records content_hash (None: not committed)
+    remote: str | None = None  # URL of the DVC remote the data is pushed to
+    path: str | None = None  # prepared folder, relative to the DVC repository root
+    repo: str | None = None  # DVC repository (local root or git URL) to read ``rev`` from
 
     def as_tags(self) -> dict[str, str]:
         return {
@@ -70,6 +106,7 @@ class Dataset:
     task: str = "classification"
     hflip_ok: bool = True
     version: DataVersion | None = None
+    source_report: dict[str, Any] = field(default_factory=dict)  # e.g. skipped files, resize target
 
     def __post_init__(self) -> None:
         if not self.mean:
@@ -101,6 +138,7 @@ class Dataset:
             "std": self.std,
             "hflip_ok": self.hflip_ok,
             "split_sizes": {k: len(v) for k, v in self.splits.items()},
+            **({"source": self.source_report} if self.source_report else {}),
         }
 
 
@@ -133,6 +171,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def save_npz_deterministic(path: Path, **arrays: np.ndarray) -> None:
+    """Like ``np.savez`` but byte-identical for identical arrays (fixed zip timestamps).
+
+    ``np.savez`` stamps each member with the current time, so preparing the same data twice would
+    give a new DVC hash each time; fixed timestamps make the content hash a function of the data.
+    """
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, arr in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue())
+
+
 def write_prepared(ds: Dataset, out_dir: str | Path) -> Path:
     """Write the canonical form atomically: a temp folder renamed into place when complete."""
     out = Path(out_dir)
@@ -145,7 +201,7 @@ def write_prepared(ds: Dataset, out_dir: str | Path) -> Path:
     checksums = {}
     for name, split in ds.splits.items():
         path = tmp / f"{name}.npz"
-        np.savez(path, x=split.x, y=split.y.astype(np.int64))
+        save_npz_deterministic(path, x=split.x, y=split.y.astype(np.int64), **split.box_arrays())
         checksums[path.name] = sha256_file(path)
     meta = {**ds.metadata(), "checksums": checksums}
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
@@ -178,7 +234,7 @@ def read_prepared(path: str | Path, verify: bool = True) -> Dataset:
                 f"run `dvc checkout {root}` or `scalelab data prepare` again"
             )
         with np.load(f, allow_pickle=False) as z:
-            splits[name] = Split(z["x"], z["y"])
+            splits[name] = Split(z["x"], z["y"], **{k: z[k] for k in BOX_FIELDS if k in z})
     return Dataset(
         name=meta["name"],
         splits=splits,
@@ -187,4 +243,5 @@ def read_prepared(path: str | Path, verify: bool = True) -> Dataset:
         std=meta["std"],
         task=meta.get("task", "classification"),
         hflip_ok=meta.get("hflip_ok", True),
+        source_report=meta.get("source", {}),
     )

@@ -23,9 +23,10 @@ class _IndexSet(torch.utils.data.Dataset):
 class TensorLoader:
     """Yields ``(x, y)`` batches: x float (B, C, H, W) normalised, y int64 (B,).
 
-    Images stay uint8 in memory (4x smaller than float) and are converted per batch. Indices
-    come from ``DistributedSampler``, so N workers see disjoint shards of each epoch's shuffle;
-    call ``set_epoch`` every epoch, as with any distributed sampler.
+    Images stay uint8 in memory (4x smaller than float) and are converted per batch. Training
+    indices come from ``DistributedSampler``, so N workers see disjoint shards of each epoch's
+    shuffle (call ``set_epoch`` every epoch); evaluation (no shuffle) shards are strided and
+    unpadded, so every sample is counted exactly once across ranks.
     """
 
     def __init__(
@@ -58,17 +59,31 @@ class TensorLoader:
             drop_last=drop_last and world_size > 1,
         )
         self.generator = torch.Generator().manual_seed(seed + 7919 * rank)
+        if self.device.type == "cuda":  # small datasets live on the GPU: no per-batch host copies
+            self.x, self.y = self.x.to(self.device), self.y.to(self.device)
+            self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         self.generator.manual_seed(self.sampler.seed + 7919 * self.sampler.rank + epoch)
 
+    def indices(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch."""
+        if self.sampler.shuffle or self.drop_last:
+            return torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        # evaluation: a strided shard without padding. DistributedSampler would repeat samples
+        # to even out the shards, and summed metrics would count them twice.
+        return torch.arange(self.sampler.rank, len(self.y), self.sampler.num_replicas)
+
     def __len__(self) -> int:
-        n = self.sampler.num_samples
+        if self.sampler.shuffle or self.drop_last:
+            n = self.sampler.num_samples
+        else:
+            n = len(range(self.sampler.rank, len(self.y), self.sampler.num_replicas))
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
-        idx = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        idx = self.indices().to(self.x.device)
         for b in range(len(self)):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.x[sel].float()
@@ -80,32 +95,41 @@ class TensorLoader:
             yield x.to(self.device, non_blocking=True), self.y[sel].to(self.device, non_blocking=True)
 
 
+def allowed_augment(aug: AugmentSpec | None, hflip_ok: bool) -> AugmentSpec | None:
+    """The recipe's augmentation minus what the dataset forbids (no flips for digits: 2 vs 5)."""
+    if aug is None or hflip_ok or not aug.hflip:
+        return aug
+    return aug.model_copy(update={"hflip": False})
+
+
 def augment_batch(x: torch.Tensor, aug: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
     """Random crop with padding, horizontal flip, random erasing, on a float batch (B, C, H, W)."""
     b, _, h, w = x.shape
+    dev = x.device
     if aug.crop_padding:
         p = aug.crop_padding
         padded = torch.nn.functional.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-        dx = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-        rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).view(b, 1, h, 1)
-        cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).view(b, 1, 1, w)
-        bidx = torch.arange(b).view(b, 1, 1, 1)
-        cidx = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(dev)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(dev)
+        rows = (dy.view(b, 1) + torch.arange(h, device=dev).view(1, h)).view(b, 1, h, 1)
+        cols = (dx.view(b, 1) + torch.arange(w, device=dev).view(1, w)).view(b, 1, 1, w)
+        bidx = torch.arange(b, device=dev).view(b, 1, 1, 1)
+        cidx = torch.arange(x.shape[1], device=dev).view(1, -1, 1, 1)
         x = padded[bidx, cidx, rows, cols]
     if aug.hflip:
-        flip = torch.rand(b, generator=gen) < 0.5
+        flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
     if aug.random_erasing > 0:
-        erase = torch.rand(b, generator=gen) < aug.random_erasing
+        erase = (torch.rand(b, generator=gen) < aug.random_erasing).to(dev)
         eh = torch.randint(h // 4, h // 2 + 1, (b,), generator=gen)
         ew = torch.randint(w // 4, w // 2 + 1, (b,), generator=gen)
-        y0 = (torch.rand(b, generator=gen) * (h - eh + 1)).long()
-        x0 = (torch.rand(b, generator=gen) * (w - ew + 1)).long()
-        ys = torch.arange(h).view(1, h, 1)
-        xs = torch.arange(w).view(1, 1, w)
+        y0 = (torch.rand(b, generator=gen) * (h - eh + 1)).long().to(dev)
+        x0 = (torch.rand(b, generator=gen) * (w - ew + 1)).long().to(dev)
+        eh, ew = eh.to(dev), ew.to(dev)
+        ys = torch.arange(h, device=dev).view(1, h, 1)
+        xs = torch.arange(w, device=dev).view(1, 1, w)
         box = (ys >= y0.view(b, 1, 1)) & (ys < (y0 + eh).view(b, 1, 1))
-        box &= (xs >= x0.view(b, 1, 1)) & (xs < (x0 + ew).view(b, 1, 1))
+        box = box & (xs >= x0.view(b, 1, 1)) & (xs < (x0 + ew).view(b, 1, 1))
         mask = (box & erase.view(b, 1, 1)).unsqueeze(1)  # (B, 1, H, W)
         x = x.masked_fill(mask, 0.0)
     return x

@@ -8,8 +8,12 @@ from rich.table import Table
 
 
 def register(app: typer.Typer) -> None:
-    models_app = typer.Typer(help="Model family (variants) and, later, the model registry.", no_args_is_help=True)
+    models_app = typer.Typer(help="Model family (variants) and the model registry.", no_args_is_help=True)
     app.add_typer(models_app, name="models")
+
+    from scalelab.registry.commands import add_model_commands
+
+    add_model_commands(models_app)
 
     @models_app.command("variants")
     def variants(

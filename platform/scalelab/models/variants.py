@@ -74,3 +74,21 @@ def msresnet_l():
         stem="large", depths=[2, 2, 2, 2], widths=[64, 128, 256, 512], stem_width=32, scales=4,
         bottleneck_ratio=0.5, head="mean_logits", head_stages=[-2, -1],
     )
+
+
+# ------------------------------------------------------------------ detection (FPN + centre head)
+
+
+@register_model
+def msdet_s():
+    """Detector for 64-128 px scenes: stride-4 'large' stem, 3 multi-scale stages, FPN width 64."""
+    return dict(
+        task="detection", stem="large", depths=[2, 2, 2], widths=[32, 64, 128], stem_width=32, scales=4,
+        bottleneck_ratio=0.5, fpn_width=64, fpn_levels=[0, 1, 2],
+    )
+
+
+@register_model
+def det_s_baseline():
+    """Plain-bottleneck partner of msdet_s (scales=1, matched parameters)."""
+    return dict(msdet_s(), scales=1, bottleneck_ratio=0.3)

@@ -1,17 +1,21 @@
-"""``run_training``: one entry point for local and Ray Train runs; writes the model bundle."""
+"""``run_training``: one entry point for local and Ray Train runs; writes the bundle, tracks in MLflow."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from scalelab.config.specs import RecipeSpec
-from scalelab.data.catalog import load_dataset
-from scalelab.train.checkpoint import save_model_bundle
-from scalelab.train.loop import bundle_meta
+from scalelab.data.catalog import load_dataset, prepared_path
+from scalelab.errors import ConfigError
+from scalelab.train.checkpoint import load_model_bundle, save_model_bundle
+from scalelab.train.loop import FitResult, bundle_meta
 
 
 @dataclass
@@ -27,29 +31,154 @@ def default_run_name(spec: RecipeSpec) -> str:
     return spec.train.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -> TrainOutcome:
-    """Train per the recipe (in-process when ``train.workers == 0``); resume a run of the same name."""
-    from scalelab.train.local import run_local
-
-    name = run_name or default_run_name(spec)
-    data = load_dataset(spec.data)
-    started = time.perf_counter()
-    run_dir = Path(spec.train.storage_path) / name
-    result = run_local(spec, data, run_dir, on_epoch=on_epoch)
-    wall = time.perf_counter() - started
-
-    out = Path(spec.train.output_dir) / name
-    model_dir = save_model_bundle(result.model, out / "model", bundle_meta(spec, data, result.runtime))
-    metrics = {
+def fit_metrics(result: FitResult) -> dict[str, Any]:
+    """What a finished fit is summarised by (the same in local mode and on Ray)."""
+    return {
+        **result.test.as_metrics("test"),  # detection: test_map50, test_map, test_map_small, ...
         "test_acc": result.test.accuracy,
         "test_loss": result.test.loss,
         "val_acc": result.val.accuracy,
         "params": result.params,
         "precision": result.runtime.precision,
-        "wall_seconds": wall,
         "resumed_from_epoch": result.start_epoch,
         "per_class_test_acc": result.test.per_class_accuracy,
-        "confusion": result.test.confusion.tolist(),
+        "confusion": result.test.confusion.tolist() or None,  # None for detection
     }
-    (out / "metrics.json").write_text(json.dumps({**metrics, "history": result.history}, indent=2))
-    return TrainOutcome(name, model_dir, metrics, result.history)
+
+
+def example_batch(data, n: int = 2) -> np.ndarray:
+    """``n`` normalised test images, float32 (n, C, H, W): the MLflow model's input example."""
+    x = data.splits["test"].x[:n].astype(np.float32).transpose(0, 3, 1, 2)
+    mean = np.asarray(data.mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
+    std = np.asarray(data.std, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
+    return (x - mean) / std
+
+
+def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -> TrainOutcome:
+    """Train per the recipe: in-process when ``train.workers == 0``, else on Ray Train.
+
+    A run name seen before resumes from its latest checkpoint (and continues its MLflow run).
+    With tracking enabled, everything is logged to MLflow and ``run_id`` is returned.
+    """
+    from scalelab.tracking.runs import end_run, start_training_run
+
+    name = run_name or default_run_name(spec)
+    mode = "ray" if spec.train.workers > 0 else "local"
+    if mode == "local" and spec.train.storage_path.startswith("s3://"):
+        raise ConfigError(
+            "train.storage_path on S3 needs Ray Train: set train.workers >= 1 (or use a folder)"
+        )
+    data = load_dataset(spec.data)
+    started = time.perf_counter()
+    timing = {"run_training": time.time()}  # where the time to the first step goes (benchmarks)
+    started_ray = False
+    if mode == "ray":
+        from scalelab.train.ray_trainer import connect_ray
+
+        started_ray = connect_ray()  # first, so that the MLflow run gets the Ray job id
+        timing["ray_connected"] = time.time()
+    try:
+        target = start_training_run(spec, name, data, mode, data_path=prepared_path(spec.data))
+        timing["tracking_opened"] = time.time()
+        try:
+            if mode == "ray":
+                outcome = _train_on_ray(spec, data, name, target, started, timing)
+            else:
+                outcome = _train_local(spec, data, name, target, started, on_epoch)
+        except BaseException as exc:
+            if target is not None:
+                end_run(target, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        if target is not None:
+            end_run(target, "FINISHED")
+        return outcome
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _train_local(spec, data, name, target, started, on_epoch) -> TrainOutcome:
+    from scalelab.tracking.runs import EpochLogger
+    from scalelab.train.local import CheckpointKeeper, run_local
+
+    run_dir = Path(spec.train.storage_path) / name
+    epoch_logger = EpochLogger(target, role="local") if target is not None else None
+
+    def each_epoch(metrics: dict[str, Any]) -> None:
+        if epoch_logger is not None:
+            epoch_logger(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    result = run_local(spec, data, run_dir, on_epoch=each_epoch)
+    if epoch_logger is not None:
+        epoch_logger.close()
+    metrics = {**fit_metrics(result), "wall_seconds": time.perf_counter() - started}
+    out = Path(spec.train.output_dir) / name
+    model_dir = save_model_bundle(result.model, out / "model", bundle_meta(spec, data, result.runtime))
+    return _finish(
+        spec,
+        data,
+        name,
+        target,
+        out,
+        model_dir,
+        metrics,
+        result.history,
+        result.model,
+        CheckpointKeeper(run_dir, spec.train.num_to_keep).latest(),
+    )
+
+
+def _train_on_ray(spec, data, name, target, started, timing) -> TrainOutcome:
+    from scalelab.train.ray_trainer import run_on_ray
+
+    res = run_on_ray(spec, data, name, tracking=target)
+    metrics = {
+        **res["metrics"],
+        "wall_seconds": time.perf_counter() - started,
+        "timing": {**timing, **res.get("timing", {}), "fit_returned": time.time()},
+    }
+    out = Path(spec.train.output_dir) / name
+    model_dir = out / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model_dir.mkdir(parents=True)
+    for fname, blob in res["bundle"].items():
+        (model_dir / fname).write_bytes(blob)
+    model, _ = load_model_bundle(model_dir)
+    ckpt = res.get("checkpoint_dir")
+    try:
+        return _finish(spec, data, name, target, out, model_dir, metrics, res["history"], model, ckpt)
+    finally:
+        if ckpt:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _finish(
+    spec, data, name, target, out, model_dir, metrics, history, model, checkpoint_dir
+) -> TrainOutcome:
+    from scalelab.tracking.runs import log_training_result
+
+    (out / "metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2, default=float))
+    figures = []
+    if spec.model.task == "detection":  # test images with predicted (red) and true (green) boxes
+        from scalelab.train.checkpoint import read_bundle_meta
+        from scalelab.train.detection import write_prediction_images
+
+        figures = write_prediction_images(model, data.splits["test"], read_bundle_meta(model_dir), out)
+    if target is not None:
+        log_training_result(
+            target,
+            spec,
+            metrics=metrics,
+            history=history,
+            model_dir=model_dir,
+            classes=data.classes,
+            model=model,
+            checkpoint_dir=checkpoint_dir,
+            example=example_batch(data),
+            figures=figures,
+        )
+    return TrainOutcome(name, model_dir, metrics, history, target.run_id if target else None)

@@ -22,10 +22,11 @@ from torch import nn
 
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.dataset import Dataset
-from scalelab.data.loader import TensorLoader
+from scalelab.data.loader import TensorLoader, allowed_augment
 from scalelab.models.factory import build_model, count_params
 from scalelab.models.resnet import classification_loss
 from scalelab.train.checkpoint import restore_training_checkpoint, save_training_checkpoint
+from scalelab.train.detection import DetectionLoader, detection_loss, evaluate_detection
 from scalelab.train.evaluate import EvalResult, evaluate
 from scalelab.train.runtime import Runtime, seed_everything, select_runtime, set_threads
 
@@ -122,13 +123,17 @@ def fit(
     optimizer = build_optimizer(spec, model)
 
     micro = per_worker_batch(t.batch_size, world_size, t.grad_accum_steps)
+    detection = spec.model.task == "detection"  # boxes in, mAP out; the rest of the loop is shared
+    Loader = DetectionLoader if detection else TensorLoader  # noqa: N806
+    evaluate_split = evaluate_detection if detection else evaluate
     loader_args = dict(mean=data.mean, std=data.std, device=runtime.device, channels_last=runtime.channels_last)
-    train_loader = TensorLoader(
-        data.splits["train"], micro, shuffle=True, augment=spec.data.augment, seed=t.seed, rank=rank,
+    augment = allowed_augment(spec.data.augment, data.hflip_ok)  # never flip digits
+    train_loader = Loader(
+        data.splits["train"], micro, shuffle=True, augment=augment, seed=t.seed, rank=rank,
         world_size=world_size, drop_last=True, **loader_args,
     )
-    val_loader = TensorLoader(data.splits["val"], 256, rank=rank, world_size=world_size, **loader_args)
-    test_loader = TensorLoader(data.splits["test"], 256, rank=rank, world_size=world_size, **loader_args)
+    val_loader = Loader(data.splits["val"], 256, rank=rank, world_size=world_size, **loader_args)
+    test_loader = Loader(data.splits["test"], 256, rank=rank, world_size=world_size, **loader_args)
 
     steps_per_epoch = max(1, len(train_loader) // t.grad_accum_steps)
     total_steps = steps_per_epoch * t.epochs
@@ -150,7 +155,7 @@ def fit(
     val = None
     for epoch in range(start_epoch, t.epochs):
         metrics = train_one_epoch(spec, train_model, train_loader, optimizer, scheduler, runtime, epoch)
-        val = evaluate(model, val_loader, data.num_classes, runtime)
+        val = evaluate_split(model, val_loader, data.num_classes, runtime)
         metrics.update(val.as_metrics("val"))
         metrics.update(epoch=epoch + 1, params=params, world_size=world_size, resumed_from=start_epoch)
         history.append(metrics)
@@ -169,8 +174,8 @@ def fit(
             break
 
     if val is None:  # resumed after the last epoch: nothing left to train
-        val = evaluate(model, val_loader, data.num_classes, runtime)
-    test = evaluate(model, test_loader, data.num_classes, runtime)
+        val = evaluate_split(model, val_loader, data.num_classes, runtime)
+    test = evaluate_split(model, test_loader, data.num_classes, runtime)
     return FitResult(model, history, test, val, runtime, params, start_epoch)
 
 
@@ -184,10 +189,13 @@ def train_one_epoch(
     epoch: int,
 ) -> dict[str, float]:
     t = spec.train
-    aux_weight = spec.model.aux_weight
+    detection = spec.model.task == "detection"
     model.train()
     loader.set_epoch(epoch)
-    loss_sum, seen, correct = 0.0, 0, 0
+    # running sums stay on the device: an .item() per step would sync the GPU every step
+    loss_sum = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), dtype=torch.long, device=runtime.device)
+    seen = 0
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
@@ -196,26 +204,34 @@ def train_one_epoch(
         with sync:
             with runtime.autocast():
                 outputs = model(x, with_aux=True)
-            loss = classification_loss(outputs, y, aux_weight, t.label_smoothing)
+            loss = task_loss(spec, outputs, y)
             (loss / t.grad_accum_steps).backward()
         if last_micro:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.item() * len(y)
-        correct += (outputs[0].argmax(1) == y).sum().item()
+        loss_sum += loss.detach() * len(y)
+        if not detection:
+            correct += (outputs[0].detach().argmax(1) == y).sum()
         seen += len(y)
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     _, world_size = world()
     return {
-        "train_loss": loss_sum / max(1, seen),
-        "train_acc": correct / max(1, seen),
+        "train_loss": loss_sum.item() / max(1, seen),
+        **({} if detection else {"train_acc": correct.item() / max(1, seen)}),
         "lr": optimizer.param_groups[0]["lr"],
         "epoch_seconds": elapsed,
         "images_per_s": seen * world_size / max(elapsed, 1e-9),
     }
+
+
+def task_loss(spec: RecipeSpec, outputs: Any, y: Any) -> torch.Tensor:
+    """The recipe's training loss: ``y`` is class labels, or BoxTargets for detection."""
+    if spec.model.task == "detection":
+        return detection_loss(outputs, y)
+    return classification_loss(outputs, y, spec.model.aux_weight, spec.train.label_smoothing)
 
 
 class _null:

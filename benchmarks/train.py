@@ -1,0 +1,199 @@
+"""Ray Train vs the bare loop, time to the first step, 2 workers vs 1 — side by side in one run.
+
+    .venv/bin/python benchmarks/train.py            # writes benchmarks/results/train.json
+
+Figures (digits, the default recipe's msresnet_s, fp32/bf16 as `precision: auto` picks):
+- ``ray_vs_bare_throughput_ratio``: steady-state training images/s (median over epochs 2..N) of
+  Ray Train with 1 worker (1 CPU, 1 thread) / the bare in-process loop on 1 thread. Also the same
+  ratio on epoch wall time (report + checkpoint upload included) and on 2 threads.
+- ``seconds_to_first_step``: from launching ``scalelab train ... train.workers=1`` (a fresh process,
+  local Ray started by it, default embedded MLflow) to the first training step, with a breakdown
+  of where the time goes; also the same with a running Ray head (``scalelab up``), which is how a
+  cluster is used.
+- ``two_vs_one_worker_speedup``: images/s of 2 workers x 1 CPU / 1 worker x 2 CPUs (the whole
+  machine either way), and / 1 worker x 1 CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import machine, write_results  # noqa: E402
+
+EPOCHS = 8
+BASE = [
+    "model.variant=msresnet_s",
+    f"train.epochs={EPOCHS}",
+    "train.batch_size=128",
+    "tracking.enabled=false",
+]
+
+
+def steady(history: list[dict], key: str = "images_per_s") -> float:
+    return float(statistics.median(h[key] for h in history[1:]))
+
+
+def wall_throughput(report_times: list[float], n_images: int) -> float:
+    gaps = [b - a for a, b in zip(report_times[1:], report_times[2:], strict=False)]
+    return n_images / statistics.median(gaps)
+
+
+def bare(threads: int) -> dict:
+    from scalelab.config import load_recipe
+    from scalelab.data import load_dataset
+    from scalelab.train.loop import fit
+
+    spec = load_recipe("pipelines/digits.yaml", BASE + [f"train.threads={threads}"])
+    data = load_dataset(spec.data)
+    times: list[float] = []
+    result = fit(spec, data, report=lambda m, _c: times.append(time.time()))
+    n = len(data.splits["train"]) // spec.train.batch_size * spec.train.batch_size
+    return {
+        "images_per_s": steady(result.history),
+        "epoch_wall_images_per_s": wall_throughput([0.0, *times], n),
+        "precision": result.runtime.precision,
+    }
+
+
+def on_ray(workers: int, cpus: int, name: str) -> dict:
+    from scalelab.config import load_recipe
+    from scalelab.data import load_dataset
+    from scalelab.train.ray_trainer import run_on_ray
+
+    spec = load_recipe(
+        "pipelines/digits.yaml",
+        BASE
+        + [
+            f"train.workers={workers}",
+            f"train.cpus_per_worker={cpus}",
+            f"train.run_name={name}",
+            f"train.storage_path={tempfile.mkdtemp(prefix='bench-runs-')}",
+        ],
+    )
+    data = load_dataset(spec.data)
+    res = run_on_ray(spec, data, name)
+    n = len(data.splits["train"]) // spec.train.batch_size * spec.train.batch_size
+    return {
+        "images_per_s": steady(res["history"]),
+        "epoch_wall_images_per_s": wall_throughput([0.0, *res["timing"]["reports"]], n),
+    }
+
+
+def first_step(workdir: Path, env: dict, label: str) -> dict:
+    """Launch the CLI as a user would and split its time to the first step into phases."""
+    name = f"first-{label}"
+    cmd = [
+        str(Path(sys.executable).parent / "scalelab"),
+        "train",
+        "pipelines/digits.yaml",
+        "model.variant=msresnet_s",
+        "train.epochs=2",
+        "train.workers=1",
+        f"train.run_name={name}",
+    ]
+    launched = time.time()
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"{label}: scalelab train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    t = json.loads((workdir / "outputs" / name / "metrics.json").read_text())["timing"]
+    # the first step starts when epoch 1's training starts: its report time minus its duration
+    # (minus the validation pass, which is a few ms on digits)
+    step = t["first_epoch_reported"] - t["first_epoch_seconds"]
+    phases = {
+        "process start + imports -> run_training": t["run_training"] - launched,
+        "ray.init / connect": t["ray_connected"] - t["run_training"],
+        "MLflow run opened (params, tags, dataset)": t["tracking_opened"] - t["ray_connected"],
+        "TorchTrainer built, fit() called": t["submitted"] - t["tracking_opened"],
+        "Ray Train controller + worker group + process group": t["worker_started"] - t["submitted"],
+        "worker: spec, data, checkpoint lookup": t["data_loaded"] - t["worker_started"],
+        "fit: model build, loaders -> first step": step - t["data_loaded"],
+    }
+    return {
+        "seconds_to_first_step": step - launched,
+        "phases": {k: round(v, 2) for k, v in phases.items()},
+        "wall_seconds": time.time() - launched,
+    }
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    (workdir / "pipelines").symlink_to(REPO / "pipelines")
+    os.chdir(workdir)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    out: dict = {"note": "2-core machine shared with other work while measuring: read ratios, not absolutes"}
+
+    print("time to first step: cold (the command starts its own local Ray)", flush=True)
+    cold = first_step(workdir, env, "cold")
+    print(json.dumps(cold, indent=2), flush=True)
+
+    from scalelab.cluster.stack import start_ray_head
+
+    head, addresses = start_ray_head(workdir / ".scalelab", num_cpus=2, dashboard=False)
+    try:
+        print("time to first step: warm (a running `scalelab up` Ray head)", flush=True)
+        os.environ["RAY_AUTH_MODE"] = addresses["ray_auth_mode"]  # as `scalelab up`'s stack.json says
+        warm_env = {
+            **env,
+            "RAY_ADDRESS": addresses["ray_address"],
+            "RAY_AUTH_MODE": addresses["ray_auth_mode"],
+        }
+        warm = first_step(workdir, warm_env, "warm")
+        print(json.dumps(warm, indent=2), flush=True)
+
+        print("throughput: bare loop vs Ray Train, side by side", flush=True)
+        runs = {"bare_1thread": bare(1), "bare_2threads": bare(2)}
+        import ray
+
+        ray.init(address=addresses["ray_address"], log_to_driver=False)
+        runs["ray_1worker_1cpu"] = on_ray(1, 1, "tp-1x1")
+        runs["ray_1worker_2cpu"] = on_ray(1, 2, "tp-1x2")
+        runs["ray_2workers_1cpu"] = on_ray(2, 1, "tp-2x1")
+        ray.shutdown()
+    finally:
+        head.stop()
+    print(json.dumps(runs, indent=2), flush=True)
+
+    def ips(k: str, key: str = "images_per_s") -> float:
+        return runs[k][key]
+
+    out.update(
+        ray_vs_bare_throughput_ratio=round(ips("ray_1worker_1cpu") / ips("bare_1thread"), 3),
+        ray_vs_bare_throughput_ratio_2threads=round(ips("ray_1worker_2cpu") / ips("bare_2threads"), 3),
+        ray_vs_bare_epoch_wall_ratio=round(
+            ips("ray_1worker_1cpu", "epoch_wall_images_per_s")
+            / ips("bare_1thread", "epoch_wall_images_per_s"),
+            3,
+        ),
+        seconds_to_first_step=round(cold["seconds_to_first_step"], 2),
+        seconds_to_first_step_warm_cluster=round(warm["seconds_to_first_step"], 2),
+        first_step_phases_cold=cold["phases"],
+        first_step_phases_warm=warm["phases"],
+        two_vs_one_worker_speedup=round(ips("ray_2workers_1cpu") / ips("ray_1worker_2cpu"), 3),
+        two_vs_one_worker_speedup_1cpu_each=round(ips("ray_2workers_1cpu") / ips("ray_1worker_1cpu"), 3),
+        runs={
+            k: {kk: (round(vv, 1) if isinstance(vv, float) else vv) for kk, vv in v.items()}
+            for k, v in runs.items()
+        },
+        setup=f"digits, msresnet_s, batch 128 (global), {EPOCHS} epochs, steady state = median of "
+        f"epochs 2..N; checkpoint every epoch on local disk; tracking off for the throughput runs",
+        load_average_at_end=os.getloadavg()[0],
+    )
+    print(json.dumps({**out, **machine()}, indent=2))
+    write_results("train", out)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""The local stack `scalelab up` starts: MLflow server, optional S3 server, a Ray head.
+
+Every process is ours by pid (``ray start --block`` in its own session, never ``ray stop``), and
+``.scalelab/stack.json`` records them so that ``scalelab down`` stops exactly those and nothing
+else. The file also holds the addresses other commands read (``mlflow_url``, ``ray_address``,
+``s3_url``, ``dashboard_url``).
+
+The stack is a list of named :class:`Service` entries built by starter functions; adding a kind
+of process (e.g. Ray worker nodes joining the head, issue 8) means one more starter and one more
+entry, with ``up``/``down``/``status`` unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scalelab.cluster.services import (
+    BIN,
+    Service,
+    _spawn,
+    free_port,
+    start_mlflow_server,
+    start_s3_server,
+)
+from scalelab.errors import ScalelabError
+from scalelab.tracking.uri import STACK_FILE, STATE_DIR
+
+# Which stack.json address key each service provides.
+ADDRESS_KEYS = {"mlflow": "mlflow_url", "s3": "s3_url", "ray": "ray_address"}
+
+
+def read_stack(path: Path = STACK_FILE) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return {}
+
+
+def write_stack(stack: dict[str, Any], path: Path = STACK_FILE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(stack, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # our own child that exited but was not reaped is dead too
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def services_of(stack: dict[str, Any]) -> list[Service]:
+    return [Service(**entry) for entry in stack.get("services", [])]
+
+
+def live_ray_address(path: Path = STACK_FILE) -> str | None:
+    """The stack's Ray head address if its process is still running (and its auth mode set in
+    this process's environment, as a driver connecting to it needs)."""
+    stack = read_stack(path)
+    for svc in services_of(stack):
+        if svc.name == "ray" and pid_alive(svc.pid):
+            if stack.get("ray_auth_mode"):
+                os.environ.setdefault("RAY_AUTH_MODE", stack["ray_auth_mode"])
+            return stack.get("ray_address")
+    return None
+
+
+def _wait_port(host: str, port: int, timeout: float, svc: Service) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not svc.alive():
+            tail = Path(svc.log).read_text()[-2000:] if Path(svc.log).exists() else ""
+            raise ScalelabError(f"ray head exited while starting:\n{tail}")
+        with socket.socket() as s:
+            s.settimeout(1)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.3)
+    raise ScalelabError(f"ray head did not open {host}:{port} within {timeout:.0f}s (log: {svc.log})")
+
+
+def start_ray_head(
+    state_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    num_cpus: int | None = None,
+    dashboard: bool = True,
+    timeout: float = 90.0,
+) -> tuple[Service, dict[str, str]]:
+    """``ray start --head --block`` as a child in its own session; every port is a free one."""
+    state = Path(state_dir).resolve()
+    port = port or free_port(host)
+    ports = {
+        name: free_port(host) for name in ("client", "dashboard", "agent_listen", "agent_grpc", "runtime_env")
+    }
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        host,
+        "--port",
+        str(port),
+        "--ray-client-server-port",
+        str(ports["client"]),
+        "--dashboard-agent-listen-port",
+        str(ports["agent_listen"]),
+        "--dashboard-agent-grpc-port",
+        str(ports["agent_grpc"]),
+        "--runtime-env-agent-port",
+        str(ports["runtime_env"]),
+        f"--include-dashboard={str(dashboard).lower()}",
+    ]
+    if dashboard:
+        cmd += ["--dashboard-host", host, "--dashboard-port", str(ports["dashboard"])]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    log = state / f"ray-head-{port}.log"
+    # Token authentication (Ray's default when ~/.ray/auth_token exists) made explicit: drivers
+    # that connect must then say so too (stack.json's ray_auth_mode; connect_ray reads it).
+    auth = os.environ.get("RAY_AUTH_MODE", "token")
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": auth}
+    if (
+        auth == "token"
+        and not (Path.home() / ".ray" / "auth_token").is_file()
+        and not os.environ.get("RAY_AUTH_TOKEN")
+    ):
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()
+    proc = _spawn("ray", cmd, log, env)
+    svc = Service("ray", proc.pid, f"{host}:{port}", str(log))
+    try:
+        _wait_port(host, port, timeout, svc)
+        if dashboard:  # with token auth the dashboard answers 401 to us: that still means "up"
+            _wait_port(host, ports["dashboard"], timeout, svc)
+    except ScalelabError:
+        svc.stop()
+        raise
+    addresses = {"ray_address": f"{host}:{port}", "ray_auth_mode": auth}
+    if dashboard:
+        addresses["dashboard_url"] = f"http://{host}:{ports['dashboard']}"
+    return svc, addresses
+
+
+def up(
+    mlflow: bool = True,
+    s3: bool = False,
+    ray: bool = True,
+    num_cpus: int | None = None,
+    state_dir: Path = STATE_DIR,
+    host: str = "127.0.0.1",
+) -> dict[str, Any]:
+    """Start what is asked for and not already running; record it in stack.json. Returns the stack."""
+    stack = read_stack()
+    running = {s.name: s for s in services_of(stack) if pid_alive(s.pid)}
+    stack["services"] = [s.to_dict() for s in running.values()]
+    state = state_dir / "stack"
+    state.mkdir(parents=True, exist_ok=True)
+    started: list[Service] = []
+    try:
+        if s3 and "s3" not in running:
+            svc = start_s3_server(state, host=host)
+            started.append(svc)
+            stack["s3_url"] = svc.url
+        if mlflow and "mlflow" not in running:
+            artifacts = None
+            if s3 or "s3" in running:
+                artifacts = _s3_artifacts_bucket(stack["s3_url"])
+            svc = start_mlflow_server(
+                state / "mlflow",
+                host=host,
+                artifacts_destination=artifacts,
+                extra_env={"MLFLOW_S3_ENDPOINT_URL": stack["s3_url"], **_dummy_aws_env()}
+                if artifacts
+                else None,
+            )
+            started.append(svc)
+            stack["mlflow_url"] = svc.url
+        if ray and "ray" not in running:
+            svc, addresses = start_ray_head(state, host=host, num_cpus=num_cpus)
+            started.append(svc)
+            stack.update(addresses)
+            stack["python"] = sys.executable
+    except BaseException:
+        for svc in started:
+            svc.stop()
+        raise
+    stack["services"] += [s.to_dict() for s in started]
+    write_stack(stack)
+    return stack
+
+
+def _dummy_aws_env() -> dict[str, str]:
+    """moto accepts any credentials; real ones from the environment win."""
+    return {
+        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "scalelab"),
+        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "scalelab"),
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    }
+
+
+def _s3_artifacts_bucket(s3_url: str, bucket: str = "scalelab") -> str:
+    import boto3
+
+    env = _dummy_aws_env()
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_url,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/mlartifacts"
+
+
+def down(names: list[str] | None = None) -> list[Service]:
+    """Stop the stack's processes (all, or those named) by pid; drop them from stack.json."""
+    stack = read_stack()
+    stopped, kept = [], []
+    for svc in services_of(stack):
+        if names and svc.name not in names:
+            kept.append(svc)
+            continue
+        if pid_alive(svc.pid):
+            svc.stop()
+        stopped.append(svc)
+        stack.pop(ADDRESS_KEYS.get(svc.name, ""), None)
+        if svc.name == "ray":
+            stack.pop("dashboard_url", None)
+            stack.pop("ray_auth_mode", None)
+    stack["services"] = [s.to_dict() for s in kept]
+    if kept:
+        write_stack(stack)
+    elif STACK_FILE.exists():
+        STACK_FILE.unlink()
+    return stopped
+
+
+def status() -> list[dict[str, Any]]:
+    stack = read_stack()
+    rows = []
+    for svc in services_of(stack):
+        rows.append(
+            {
+                **svc.to_dict(),
+                "alive": pid_alive(svc.pid),
+                "address": stack.get(ADDRESS_KEYS.get(svc.name, "")),
+            }
+        )
+    return rows

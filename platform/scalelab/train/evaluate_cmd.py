@@ -1,0 +1,84 @@
+"""``scalelab evaluate MODEL_DIR RECIPE``: score a model bundle on a split of the prepared data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console
+
+from scalelab.errors import DataError
+
+console = Console()
+
+
+def evaluate_bundle(
+    model_dir: str | Path, recipe: str, overrides: list[str] | None = None, split: str = "test"
+) -> dict[str, Any]:
+    """Metrics of the bundle on ``split`` of the recipe's dataset (version-checked against DVC)."""
+    from scalelab.config import load_recipe
+    from scalelab.data.catalog import load_dataset
+    from scalelab.data.loader import TensorLoader
+    from scalelab.train.checkpoint import load_model_bundle
+    from scalelab.train.evaluate import evaluate
+    from scalelab.train.runtime import select_runtime, set_threads
+
+    spec = load_recipe(recipe, overrides or [])
+    set_threads(spec.train.threads)
+    model, meta = load_model_bundle(model_dir)
+    data = load_dataset(spec.data, prepare_if_missing=False)
+    trained_on = meta.get("dataset", {})
+    if trained_on.get("classes") and trained_on["classes"] != data.classes:
+        raise DataError(
+            f"{model_dir} was trained on classes {trained_on['classes']}, but {spec.data.name} has "
+            f"{data.classes}; evaluate it on the dataset it was trained for"
+        )
+    if split not in data.splits:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(data.splits)}")
+    runtime = select_runtime(spec.train)
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # the model's own normalisation (from its bundle), so a re-prepared dataset cannot skew it
+    mean, std = trained_on.get("mean", data.mean), trained_on.get("std", data.std)
+    loader = TensorLoader(
+        data.splits[split], 256, mean, std, device=runtime.device, channels_last=runtime.channels_last
+    )
+    result = evaluate(model, loader, data.num_classes, runtime)
+    trained_version = (meta.get("data_version") or {}).get("content_hash")
+    return {
+        f"{split}_acc": result.accuracy,
+        f"{split}_loss": result.loss,
+        "per_class_acc": dict(zip(data.classes, result.per_class_accuracy, strict=True)),
+        "confusion": result.confusion.tolist(),
+        "images": len(data.splits[split]),
+        "precision": runtime.precision,
+        "data_version": data.version.to_dict() if data.version else None,
+        "same_data_as_training": trained_version == (data.version.content_hash if data.version else None),
+        "weights_sha256": meta.get("weights_sha256"),
+    }
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    def evaluate_cmd(
+        model_dir: str = typer.Argument(..., help="Model bundle folder (model.safetensors + model.json)."),
+        recipe: str = typer.Argument(..., help="Recipe YAML whose prepared dataset to evaluate on."),
+        overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.threads=1."),
+        out: str = typer.Option(None, "--out", help="Write the metrics as JSON here (a DVC metrics file)."),
+        split: str = typer.Option("test", "--split", help="Split to evaluate: train, val or test."),
+    ) -> None:
+        """Evaluate a trained model bundle on the recipe's prepared data."""
+        metrics = evaluate_bundle(model_dir, recipe, overrides, split)
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(metrics, indent=2) + "\n")
+        note = "" if metrics["same_data_as_training"] else " (data version differs from training's)"
+        console.print(
+            f"{split}_acc {metrics[f'{split}_acc']:.4f}  {split}_loss {metrics[f'{split}_loss']:.4f}  "
+            f"on {metrics['images']} images{note}{' -> ' + out if out else ''}",
+            highlight=False,
+        )

@@ -1,0 +1,536 @@
+"""``run_search``: a Ray Tune search over a recipe's ``search.space``, resumable by name.
+
+Everything lands in ``search.output_dir/NAME``: Tune's experiment state and trial folders, the
+recipe as searched (``recipe.yaml``, so ``--resume NAME`` needs nothing else), ``trials.json``
+(trial -> MLflow run, startup overhead), ``pruned.jsonl`` (configs never launched, with the
+reason), ``results.csv`` sorted by the metric, ``best.yaml`` (a recipe ``scalelab train``
+accepts as is) and the plots. The search itself is one MLflow parent run with a nested child run
+per trial (see :mod:`scalelab.tune.tracking`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scalelab.config.loader import dump_recipe, flatten, load_recipe, spec_hash
+from scalelab.config.specs import RecipeSpec, SearchSpec
+from scalelab.errors import ConfigError
+from scalelab.tune.space import Screen, decode_config, validate_space
+
+log = logging.getLogger("scalelab.tune")
+DEFAULT_OUTPUT_DIR = SearchSpec().output_dir
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    search_dir: Path
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    best_yaml: Path | None
+    test_acc: float | None
+    parent_run_id: str | None
+    wall_seconds: float
+    interrupted: bool
+    pruned: list[dict[str, Any]] = field(default_factory=list)
+
+
+def max_epochs(spec: RecipeSpec) -> int:
+    return spec.search.max_epochs or spec.train.epochs
+
+
+def trial_dirname(trial) -> str:
+    """Short, stable trial folder names (Tune's default embeds the config, brackets and all)."""
+    return f"trial_{trial.trial_id}"
+
+
+def trial_base(spec: RecipeSpec, search_dir: Path) -> dict[str, Any]:
+    """The recipe every trial starts from: absolute paths (trial processes run in their own folder),
+    the search's epoch budget, no tracking of its own (the driver logs trials as child runs)."""
+    base = spec.model_dump(mode="json")
+    base["data"]["data_dir"] = str(Path(spec.data.data_dir).resolve())
+    if spec.data.source:
+        base["data"]["source"] = str(Path(spec.data.source).resolve())
+    base["train"].update(
+        epochs=max_epochs(spec),
+        run_name=None,
+        output_dir=str(search_dir / "outputs"),
+        storage_path=str(search_dir / "train"),
+        threads=spec.train.threads or max(1, int(spec.search.cpus_per_trial)),
+    )
+    base["tracking"]["enabled"] = False
+    return base
+
+
+def ensure_ray() -> bool:
+    """Connect to $RAY_ADDRESS / the `scalelab up` stack, or start a local Ray. True if started here."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # every epoch checkpoints; Tune's warning about the resulting state snapshots is noise here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return False
+    from scalelab.tracking.uri import read_stack
+
+    # "local": a fresh Ray, never whichever `ray start` cluster another user left on this machine
+    address = os.environ.get("RAY_ADDRESS") or read_stack().get("ray_address") or "local"
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def resolve_search_dir(output_dir: str, name: str) -> Path:
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"search name {name!r} may only hold letters, digits, '-', '_' and '.'")
+    return Path(output_dir).resolve() / name
+
+
+def _existing(output_dir: str) -> str:
+    root = Path(output_dir)
+    names = sorted(p.name for p in root.iterdir() if (p / "recipe.yaml").is_file()) if root.is_dir() else []
+    return ", ".join(names) or "none"
+
+
+def run_search(
+    spec: RecipeSpec | None,
+    resume: str | None = None,
+    name: str | None = None,
+    *,
+    points: list[dict[str, Any]] | None = None,
+    console=None,
+    quiet: bool = False,
+) -> SearchOutcome:
+    """Run (or with ``resume=NAME`` continue) the search of ``spec.search``; see the module doc.
+
+    ``points``: evaluate exactly these Tune configs (encoded as Tune passes them) instead of
+    asking the search algorithm; used to re-run a search's trials at another budget.
+    """
+    from ray.tune import Tuner
+
+    from scalelab.data.catalog import load_dataset
+
+    started = time.perf_counter()
+    output_dir = spec.search.output_dir if spec is not None else DEFAULT_OUTPUT_DIR
+    if resume:
+        name = resume
+        search_dir = resolve_search_dir(output_dir, name)
+        if not Tuner.can_restore(str(search_dir)) or not (search_dir / "recipe.yaml").is_file():
+            raise ConfigError(
+                f"no search named {name!r} to resume in {output_dir} "
+                f"(searches there: {_existing(output_dir)})"
+            )
+        spec = load_recipe(search_dir / "recipe.yaml")
+    else:
+        if spec is None:
+            raise ConfigError("give a recipe to start a search, or --resume NAME to continue one")
+        validate_space(spec)  # before anything starts
+        name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        search_dir = resolve_search_dir(output_dir, name)
+        if (search_dir / "recipe.yaml").exists():
+            raise ConfigError(
+                f"a search named {name!r} already exists in {output_dir}; continue it with --resume {name} "
+                f"or pick another --name"
+            )
+        search_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(spec, search_dir / "recipe.yaml")
+    assert spec is not None
+
+    data = load_dataset(spec.data)  # prepared once here; trials read it from the object store / disk
+    started_ray = ensure_ray()
+    try:
+        tracking = _start_parent_run(spec, name, search_dir)
+        tuner = _build_tuner(spec, name, search_dir, data, tracking, points, resume is not None, quiet)
+        interrupted = False
+        try:
+            grid = tuner.fit()
+        except KeyboardInterrupt:
+            interrupted = True
+            grid = tuner.get_results()
+        outcome = _finish(spec, name, search_dir, grid, data, tracking, started, console, quiet)
+        outcome.interrupted = outcome.interrupted or interrupted
+        return outcome
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _start_parent_run(spec: RecipeSpec, name: str, search_dir: Path) -> dict[str, Any] | None:
+    """The search's MLflow parent run (reopened on resume); None when tracking is off or down."""
+    if not spec.tracking.enabled:
+        return None
+    from scalelab.tracking.uri import resolve_tracking_uri
+    from scalelab.tune.tracking import MlflowSearch, TrackingState
+
+    uri = resolve_tracking_uri(spec.tracking.uri)
+    state = TrackingState(search_dir / "trials.json")
+    try:
+        ml = MlflowSearch(uri, spec.tracking.experiment, search_dir)
+        parent = state.data.get("parent_run_id")
+        run_id = ml.start_run(
+            name,
+            {"scalelab.kind": "search", "scalelab.search": name, "scalelab.spec_hash": spec_hash(spec)},
+            run_id=parent,
+        )
+    except Exception as exc:  # noqa: BLE001 - a search runs without tracking rather than not at all
+        log.warning("MLflow at %s unreachable (%s): the search runs untracked", uri, exc)
+        return None
+    if not parent:
+        state.data["parent_run_id"] = run_id
+        state.save()
+        params = {
+            k: v for k, v in flatten(spec.model_dump(mode="json")).items() if not k.startswith("search.space")
+        }
+        params.update(
+            {
+                f"search.space.{k}": json.dumps(v.model_dump(exclude_none=True))
+                for k, v in spec.search.space.items()
+            }
+        )
+        ml.logger(run_id).log_params(params)
+        ml.logger(run_id).flush(timeout_s=10)
+    return {
+        "uri": uri,
+        "experiment": spec.tracking.experiment,
+        "parent_run_id": run_id,
+        "space": spec.search.space,
+    }
+
+
+def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
+    import ray.tune
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, TuneConfig, Tuner
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from scalelab.tune.searchers import ScreenedSearcher, build_inner_searcher, grid_size
+    from scalelab.tune.space import to_tune_space
+    from scalelab.tune.tracking import TrialTracker
+    from scalelab.tune.trials import local_trial, worker_trial
+
+    search = spec.search
+    base = trial_base(spec, search_dir)
+    if search.trial_mode == "local":
+        trainable = tune.with_parameters(local_trial, base=base, space=search.space, dataset=data)
+        trainable = tune.with_resources(trainable, {"cpu": search.cpus_per_trial})
+    else:
+        _require_worker_mode()
+        trainable = tune.with_parameters(
+            worker_trial, base=base, space=search.space, data_version=data.version
+        )
+        # the driver function only waits on its TorchTrainer, whose workers reserve their own CPUs
+        trainable = tune.with_resources(trainable, {"cpu": 0.01})
+    if resume:
+        return Tuner.restore(
+            str(search_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+
+    epochs = max_epochs(spec)
+    screen = Screen(
+        base,
+        search.space,
+        data.channels,
+        data.num_classes,
+        data.image_size,
+        search.max_params,
+        search.max_flops,
+    )
+    searcher = ScreenedSearcher(
+        build_inner_searcher(search, points),
+        screen,
+        str(search_dir / "pruned.jsonl"),
+        search.max_concurrent_trials,
+        search.metric,
+        search.mode,
+    )
+    if points is not None:
+        num_samples = len(points)
+    elif search.algorithm == "grid":
+        num_samples = grid_size(search.space) * search.num_samples
+    else:
+        num_samples = search.num_samples
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=min(search.grace_period, epochs),
+            reduction_factor=search.reduction_factor,
+        )
+        if search.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    tracker = TrialTracker(
+        str(search_dir), name, list(search.space), base, search.space, search.metric, epochs, tracking, quiet
+    )
+    return Tuner(
+        trainable,
+        param_space=to_tune_space(search.space),
+        tune_config=TuneConfig(
+            metric=search.metric,
+            mode=search.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=search.max_concurrent_trials,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=name,
+            storage_path=str(search_dir.parent),
+            callbacks=[tracker],
+            verbose=0,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+        ),
+    )
+
+
+def _require_worker_mode() -> None:
+    try:
+        from scalelab.train.ray_trainer import build_torch_trainer  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            "search.trial_mode 'workers' needs scalelab.train.ray_trainer.build_torch_trainer, which is not "
+            f"available ({exc}); use search.trial_mode=local"
+        ) from None
+
+
+def _rows(spec: RecipeSpec, grid, search_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per trial (from Tune's results + trials.json) and one per pruned config."""
+    from scalelab.tune.tracking import TrackingState
+
+    search = spec.search
+    trials = TrackingState(search_dir / "trials.json").data["trials"]
+    screen_costs = _searcher_costs(search_dir)
+    rows = []
+    for result in grid:
+        trial_id = Path(result.path).name.removeprefix("trial_")
+        rec = trials.get(trial_id, {})
+        metrics = result.metrics or {}
+        status = rec.get("status") or ("error" if result.error else "running")
+        values = decode_config(search.space, result.config or rec.get("config") or {})
+        checkpoint = result.checkpoint.path if result.checkpoint else metrics.get("checkpoint_path")
+        cost = screen_costs.get(trial_id, {})
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                search.metric: metrics.get(search.metric),
+                "epochs": metrics.get("epoch", rec.get("epochs")),
+                "params": metrics.get("params") or cost.get("params"),
+                "flops": cost.get("flops"),
+                "startup_s": rec.get("startup_s"),
+                **values,
+                "reason": str(result.error).splitlines()[-1][:300] if result.error else "",
+                "config": result.config,
+                "checkpoint": checkpoint,
+            }
+        )
+    pruned, seen = [], set()
+    path = search_dir / "pruned.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        rec = json.loads(line)
+        if rec["searcher_id"] in seen:
+            continue
+        seen.add(rec["searcher_id"])
+        pruned.append(rec)
+        rows.append(
+            {
+                "trial_id": rec["id"]
+                if rec["id"] not in {r["trial_id"] for r in rows}
+                else rec["searcher_id"],
+                "status": "pruned",
+                "params": rec["params"],
+                "flops": rec["flops"],
+                **decode_config(search.space, rec["config"]),
+                "reason": rec["reason"],
+                "config": rec["config"],
+                "searcher_id": rec["searcher_id"],
+            }
+        )
+    return rows, pruned
+
+
+def _searcher_costs(search_dir: Path) -> dict[str, dict[str, Any]]:
+    """Params / FLOPs the screen computed per launched trial, from the searcher's saved state."""
+    import pickle
+
+    states = sorted(search_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(states):
+        try:
+            state = pickle.loads(path.read_bytes())
+        except Exception:  # noqa: BLE001 - costs are a convenience column
+            continue
+        if isinstance(state, dict) and "costs" in state:
+            return state["costs"]
+    return {}
+
+
+def evaluate_checkpoint(path: str, data, spec: RecipeSpec) -> float:
+    """Test accuracy of a trial checkpoint (a model bundle folder) on the held-out test split."""
+    import torch
+
+    from scalelab.data.loader import TensorLoader
+    from scalelab.train.checkpoint import load_model_bundle
+    from scalelab.train.evaluate import evaluate
+    from scalelab.train.runtime import select_runtime
+
+    model, _ = load_model_bundle(path)
+    runtime = select_runtime(spec.train)
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = TensorLoader(
+        data.splits["test"],
+        256,
+        data.mean,
+        data.std,
+        device=runtime.device,
+        channels_last=runtime.channels_last,
+    )
+    return evaluate(model, loader, data.num_classes, runtime).accuracy
+
+
+def _finish(spec, name, search_dir, grid, data, tracking, started, console, quiet) -> SearchOutcome:
+    from rich.console import Console
+
+    from scalelab.tune.report import (
+        best_recipe,
+        pick_best,
+        plot_search,
+        print_summary,
+        sort_rows,
+        write_results_csv,
+    )
+
+    search = spec.search
+    console = console or Console()
+    rows, pruned = _rows(spec, grid, search_dir)
+    rows = sort_rows(rows, search.metric, search.mode)
+    interrupted = any(r["status"] == "running" for r in rows)
+    best = pick_best(rows, search.metric, search.mode)
+    best_yaml, test_acc = None, None
+    if best is not None:
+        values = {k: best[k] for k in search.space if k in best}
+        if best.get("checkpoint"):
+            try:
+                test_acc = evaluate_checkpoint(best["checkpoint"], data, spec)
+                best["test_acc"] = test_acc
+            except Exception as exc:  # noqa: BLE001 - the search result stands without it
+                log.warning("could not evaluate the best trial's checkpoint %s: %s", best["checkpoint"], exc)
+        note = f"Best of search {name}: trial {best['trial_id']}, {search.metric}={best[search.metric]:.4f}."
+        best_yaml = dump_recipe(best_recipe(spec, values, note), search_dir / "best.yaml")
+    csv_path = write_results_csv(rows, list(search.space), search_dir / "results.csv", search.metric)
+    plots = plot_search(rows, search.space, search.metric, search_dir)
+    wall = time.perf_counter() - started
+    summary = {
+        "name": name,
+        "trials": sum(r["status"] != "pruned" for r in rows),
+        "pruned": len(pruned),
+        "interrupted": interrupted,
+        "wall_seconds": wall,
+        "best_trial": best["trial_id"] if best else None,
+        "best_" + search.metric: best[search.metric] if best else None,
+        "best_test_acc": test_acc,
+        "parent_run_id": tracking["parent_run_id"] if tracking else None,
+    }
+    (search_dir / "search.json").write_text(json.dumps(summary, indent=2))
+    if tracking:
+        _finish_tracking(tracking, search_dir, name, rows, best, summary, [csv_path, *plots, best_yaml])
+    if not quiet:
+        print_summary(console, rows, list(search.space), search.metric)
+        _print_outcome(console, summary, best, best_yaml, search_dir, tracking, search.metric)
+    return SearchOutcome(
+        name,
+        search_dir,
+        rows,
+        best,
+        best_yaml,
+        test_acc,
+        tracking["parent_run_id"] if tracking else None,
+        wall,
+        interrupted,
+        pruned,
+    )
+
+
+def _finish_tracking(tracking, search_dir, name, rows, best, summary, artifacts) -> None:
+    from scalelab.tune.tracking import MlflowSearch, TrackingState
+
+    try:
+        ml = MlflowSearch(tracking["uri"], tracking["experiment"], search_dir)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow unreachable at the end of the search (%s); results are in %s", exc, search_dir)
+        return
+    state = TrackingState(search_dir / "trials.json")
+    parent = tracking["parent_run_id"]
+    for rec in (r for r in rows if r["status"] == "pruned"):  # never launched: a closed child run each
+        if rec["searcher_id"] in state.data["pruned_runs"]:
+            continue
+        values = decode_config(tracking["space"], rec["config"])
+        run_id = ml.start_run(
+            f"{name}/{rec['trial_id']}",
+            {
+                "mlflow.parentRunId": parent,
+                "scalelab.kind": "trial",
+                "scalelab.search": name,
+                "scalelab.trial_status": "pruned",
+                "scalelab.pruned_reason": rec["reason"],
+            },
+        )
+        ml.logger(run_id).log_params({f"search.{k}": v for k, v in values.items()})
+        metrics = {k: rec[k] for k in ("params", "flops") if rec.get(k) is not None}
+        if metrics:
+            ml.logger(run_id).log_metrics(metrics, step=0)
+        ml.end_run(run_id, "KILLED", flush_s=5)
+        state.data["pruned_runs"][rec["searcher_id"]] = run_id
+    state.save()
+    if best is not None:
+        best_run = state.data["trials"].get(best["trial_id"], {}).get("run_id")
+        if best_run:
+            ml.logger(best_run).set_tags({"scalelab.best_trial": "true"})
+            if best.get("test_acc") is not None:
+                ml.logger(best_run).log_metrics(
+                    {"test_acc": best["test_acc"]}, step=int(best.get("epochs") or 0)
+                )
+            ml.logger(best_run).flush(timeout_s=10)
+        ml.logger(parent).set_tags(
+            {"scalelab.best_trial_id": best["trial_id"], "scalelab.best_run_id": best_run or ""}
+        )
+    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    ml.logger(parent).log_metrics(metrics, step=0)
+    for path in artifacts:
+        if path is not None and Path(path).is_file():
+            ml.logger(parent).log_artifact(path)
+    ml.end_run(parent, "KILLED" if summary["interrupted"] else "FINISHED", flush_s=30)
+
+
+def _print_outcome(console, summary, best, best_yaml, search_dir, tracking, metric) -> None:
+    line = (
+        f"[bold]{summary['trials']}[/] trial(s), {summary['pruned']} config(s) never launched "
+        "(budget/invalid), "
+        f"{summary['wall_seconds']:.1f}s"
+    )
+    console.print(line, highlight=False)
+    if summary["interrupted"]:
+        console.print(
+            f"[yellow]interrupted[/]: continue with `scalelab tune --resume {summary['name']}`",
+            highlight=False,
+        )
+    if best is not None:
+        test = f", test_acc {best['test_acc']:.4f}" if best.get("test_acc") is not None else ""
+        console.print(
+            f"[bold green]best[/] trial {best['trial_id']}: {metric} {best[metric]:.4f}{test} "
+            f"({best.get('params') or 0:,} params) -> {best_yaml} (train it: scalelab train {best_yaml})",
+            highlight=False,
+        )
+    console.print(f"results: {search_dir / 'results.csv'}", highlight=False)
+    if tracking:
+        console.print(f"MLflow parent run {tracking['parent_run_id']} at {tracking['uri']}", highlight=False)

@@ -1,0 +1,192 @@
+"""What a finished (or interrupted) search leaves behind: results table, best recipe, plots, summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from scalelab.config.specs import ParamSpace, RecipeSpec
+
+STATUS_ORDER = {"completed": 0, "stopped": 1, "running": 2, "error": 3, "pruned": 4}
+
+
+def sort_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """By the metric (best first), rows without a value last."""
+
+    def key(row: dict[str, Any]) -> tuple:
+        value = row.get(metric)
+        missing = not isinstance(value, (int, float)) or math.isnan(value)
+        score = 0.0 if missing else (-value if mode == "max" else value)
+        return (missing, score, STATUS_ORDER.get(row["status"], 9), row["trial_id"])
+
+    return sorted(rows, key=key)
+
+
+def pick_best(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """Best trial trained to the full budget; if none finished, the best of those that ran."""
+    ranked = [r for r in sort_rows(rows, metric, mode) if isinstance(r.get(metric), (int, float))]
+    completed = [r for r in ranked if r["status"] == "completed"]
+    return (completed or [r for r in ranked if r["status"] != "pruned"] or [None])[0]
+
+
+def write_results_csv(rows: list[dict[str, Any]], space_keys: list[str], path: Path, metric: str) -> Path:
+    head = [
+        "rank",
+        "trial_id",
+        "status",
+        metric,
+        "epochs",
+        "params",
+        "flops",
+        "startup_s",
+        *space_keys,
+        "reason",
+    ]
+    extra = sorted({k for r in rows for k in r} - set(head) - {"config", "checkpoint"})
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=head + extra, extrasaction="ignore")
+        writer.writeheader()
+        for rank, row in enumerate(rows, 1):
+            flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()}
+            writer.writerow({"rank": rank, **flat})
+    return path
+
+
+def best_recipe(spec: RecipeSpec, values: dict[str, Any], note: str) -> RecipeSpec:
+    """The searched recipe with the best values applied: same data, full training budget, no space."""
+    from scalelab.config.loader import validate_recipe
+    from scalelab.tune.space import apply_config
+
+    tree = apply_config(spec.model_dump(mode="json"), values)
+    tree["search"]["space"] = {}  # `scalelab train best.yaml` ignores search; `tune` would ask for a space
+    tree["train"]["run_name"] = None
+    tree["description"] = (f"{spec.description} " if spec.description else "") + note
+    return validate_recipe(tree, "best.yaml")
+
+
+def plot_search(
+    rows: list[dict[str, Any]], space: dict[str, ParamSpace], metric: str, out_dir: Path
+) -> list[Path]:
+    """Accuracy vs parameters coloured by scales, and a parallel-coordinates view of the search."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in rows if isinstance(r.get(metric), (int, float)) and r.get("params")]
+    paths: list[Path] = []
+    if not ran:
+        return paths
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    scales = sorted({r.get("model.scales", r.get("scales")) for r in ran}, key=str)
+    cmap = plt.get_cmap("viridis", max(2, len(scales)))
+    for i, s in enumerate(scales):
+        pts = [r for r in ran if r.get("model.scales", r.get("scales")) == s]
+        for status, marker in (("completed", "o"), ("stopped", "x"), ("error", "s"), ("running", "^")):
+            sub = [r for r in pts if r["status"] == status]
+            if sub:
+                ax.scatter(
+                    [r["params"] for r in sub],
+                    [r[metric] for r in sub],
+                    color=cmap(i),
+                    marker=marker,
+                    label=f"scales={s} ({status})",
+                    alpha=0.85,
+                )
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(metric)
+    ax.set_title("accuracy vs parameters (x: stopped early by ASHA)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    paths.append(out_dir / "accuracy_vs_params.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    axes = [*space, metric]
+    positions: dict[str, Any] = {}
+    labels: dict[str, list[str]] = {}
+    for key in space:
+        dim = space[key]
+        if dim.choice is not None:
+            shown = [json.dumps(v) for v in dim.choice]
+            labels[key] = shown
+            positions[key] = lambda v, shown=shown: shown.index(json.dumps(v)) / max(1, len(shown) - 1)
+        else:
+            lo, hi = dim.uniform or dim.loguniform or dim.randint
+            log_scale = dim.loguniform is not None
+            labels[key] = [f"{lo:.3g}", f"{hi:.3g}"]
+            positions[key] = lambda v, lo=lo, hi=hi, log_scale=log_scale: (
+                (math.log(v / lo) / math.log(hi / lo)) if log_scale else (v - lo) / (hi - lo)
+            )
+    values = [r[metric] for r in ran]
+    lo_m, hi_m = min(values), max(values)
+    positions[metric] = lambda v: (v - lo_m) / (hi_m - lo_m) if hi_m > lo_m else 0.5
+    labels[metric] = [f"{lo_m:.3f}", f"{hi_m:.3f}"]
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(axes)), 4))
+    cm = plt.get_cmap("plasma")
+    for r in sorted(ran, key=lambda r: r[metric]):
+        try:
+            ys = [positions[k](r[k]) for k in axes]
+        except (KeyError, ValueError, TypeError):
+            continue
+        ax.plot(
+            range(len(axes)),
+            ys,
+            color=cm(positions[metric](r[metric])),
+            alpha=0.8,
+            linestyle="-" if r["status"] == "completed" else ":",
+        )
+    for i, key in enumerate(axes):
+        ax.axvline(i, color="grey", linewidth=0.6)
+        ax.text(i, -0.08, labels[key][0][:14], ha="center", va="top", fontsize=6)
+        ax.text(i, 1.04, labels[key][-1][:14], ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(axes)), [k.split(".")[-1] for k in axes], fontsize=8)
+    ax.set_yticks([])
+    ax.set_ylim(-0.15, 1.12)
+    ax.set_title(f"search, coloured by {metric} (dotted: stopped early)", fontsize=9)
+    fig.tight_layout()
+    paths.append(out_dir / "parallel_coordinates.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def print_summary(
+    console, rows: list[dict[str, Any]], space_keys: list[str], metric: str, limit: int = 12
+) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"search results (by {metric})", show_lines=False)
+    for col in ("#", "trial", "status", metric, "epochs", "params", "startup s"):
+        table.add_column(col, justify="right" if col not in ("trial", "status") else "left")
+    for key in space_keys:
+        table.add_column(key.split(".", 1)[-1])
+    colours = {"completed": "green", "stopped": "yellow", "error": "red", "pruned": "magenta"}
+    for rank, r in enumerate(rows[:limit], 1):
+        value = r.get(metric)
+        table.add_row(
+            str(rank),
+            r["trial_id"],
+            f"[{colours.get(r['status'], 'white')}]{r['status']}[/]",
+            f"{value:.4f}" if isinstance(value, (int, float)) else "-",
+            str(r.get("epochs") or "-"),
+            f"{r['params']:,}" if r.get("params") else "-",
+            f"{r['startup_s']:.2f}" if isinstance(r.get("startup_s"), (int, float)) else "-",
+            *[_cell(r.get(k)) for k in space_keys],
+        )
+    console.print(table)
+    hidden = len(rows) - limit
+    if hidden > 0:
+        console.print(f"... and {hidden} more row(s) in results.csv", highlight=False)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "-" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)

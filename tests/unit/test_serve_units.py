@@ -1,0 +1,169 @@
+"""Serving pieces without servers: preprocessing parity with training, input decoding, deploy configs."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from scalelab.config.specs import ServeSpec
+from scalelab.data.dataset import Split
+from scalelab.data.loader import TensorLoader
+from scalelab.serve.preprocess import (
+    BadInput,
+    InputSpec,
+    decode_array,
+    decode_base64,
+    decode_image_bytes,
+    normalise,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC1 = InputSpec(8, 1, (0.3,), (0.4,), tuple("0123456789"))
+SPEC3 = InputSpec(16, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), ("a", "b"))
+
+
+def _png(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    from PIL import Image
+
+    img = Image.fromarray(arr)
+    if mode:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_normalisation_matches_the_training_loader():
+    x = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    loader = TensorLoader(Split(x, np.zeros(5, dtype=np.int64)), 5, list(SPEC3.mean), list(SPEC3.std))
+    train_x, _ = next(iter(loader))
+    assert torch.equal(normalise(x, SPEC3), train_x)
+
+
+def test_png_roundtrip_is_lossless_for_model_sized_images():
+    x = np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8)
+    out = decode_image_bytes(_png(x), SPEC1, 10_000)
+    assert out.shape == (8, 8, 1) and np.array_equal(out[..., 0], x)
+    assert np.array_equal(
+        decode_base64("data:image/png;base64," + base64.b64encode(_png(x)).decode(), SPEC1, 10_000), out
+    )
+    assert np.array_equal(decode_array(x.tolist(), SPEC1, 10_000), out)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "I;16", "1", "CMYK"])
+def test_any_colour_mode_and_size_is_converted(mode):
+    x = np.random.default_rng(2).integers(0, 256, (23, 41, 3), dtype=np.uint8)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    for spec in (SPEC1, SPEC3):
+        out = decode_image_bytes(_png(x, fmt, mode), spec, 10_000)
+        assert out.shape == (spec.image_size, spec.image_size, spec.channels) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [(b"", 422), (b"GIF89a....", 415), (b"\x89PNG\r\n\x1a\n\x00\x00", 422), (b"just text", 415)],
+)
+def test_bad_bytes_are_client_errors(raw, status):
+    with pytest.raises(BadInput) as err:
+        decode_image_bytes(raw, SPEC1, 10_000)
+    assert err.value.status == status
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(BadInput) as err:
+        decode_image_bytes(_png(np.zeros((200, 200), dtype=np.uint8)), SPEC1, 10_000)
+    assert err.value.status == 413
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [],
+        [[]],
+        [[1, 2], [3]],
+        [[float("nan")]],
+        [[float("inf")]],
+        [[-1]],
+        [[256]],
+        [[[[1]]]],
+        [["a"]],
+        [[True]],
+        [[[1, 2]]],
+        5,
+        "x",
+    ],
+)
+def test_bad_arrays_are_422(value):
+    with pytest.raises(BadInput) as err:
+        decode_array(value, SPEC1, 10_000)
+    assert err.value.status in (413, 422)
+
+
+def test_generated_deploy_files_are_up_to_date(tmp_path, monkeypatch):
+    """platform/kuberay/{serve-config,rayservice}.yaml are `scalelab serve digits --emit-*` output."""
+    from typer.testing import CliRunner
+
+    from scalelab.cli import app
+
+    monkeypatch.chdir(REPO)
+    out = CliRunner().invoke(
+        app,
+        [
+            "serve",
+            "digits",
+            "--emit-config",
+            str(tmp_path / "c.yaml"),
+            "--emit-rayservice",
+            str(tmp_path / "r.yaml"),
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "c.yaml").read_text() == (REPO / "platform/kuberay/serve-config.yaml").read_text()
+    assert (tmp_path / "r.yaml").read_text() == (REPO / "platform/kuberay/rayservice.yaml").read_text()
+
+
+def test_serve_config_is_valid_for_ray_serve_and_matches_the_spec():
+    from ray.serve.schema import ServeDeploySchema
+
+    from scalelab.serve.deploy import rayservice_manifest, serve_config
+
+    spec = ServeSpec(
+        autoscaling=True, min_replicas=1, max_replicas=3, max_batch_size=8, max_queued_requests=20
+    )
+    config = serve_config(spec, "digits@champion", "http://mlflow:5000")
+    schema = (
+        ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else None
+    )
+    assert schema is not None
+    dep = config["applications"][0]["deployments"][0]
+    assert dep["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in dep
+    assert dep["max_queued_requests"] == 20 and dep["user_config"]["max_batch_size"] == 8
+    assert dep["user_config"]["api_key_sha256"] is None, "a key must never be written into a config file"
+    manifest = rayservice_manifest(spec, "digits@champion", "http://mlflow:5000")
+    inner = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert inner["applications"] == config["applications"]
+    assert manifest["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [("m", ("m", "champion", None)), ("m@challenger", ("m", "challenger", None)), ("m/3", ("m", None, "3"))],
+)
+def test_parse_target(target, expected):
+    from scalelab.serve.deploy import parse_target
+
+    assert parse_target(target) == expected
+
+
+def test_api_key_is_only_hashed(monkeypatch):
+    from scalelab.serve.settings import key_sha256, replica_config
+
+    monkeypatch.setenv("SCALELAB_API_KEY", "s3cret")
+    cfg = replica_config(ServeSpec(), "m")
+    assert cfg.api_key_sha256 == key_sha256("s3cret") and "s3cret" not in cfg.model_dump_json()

@@ -6,7 +6,7 @@ SCALELAB := $(VENV)/bin/scalelab
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-unit test-integration lint format bench clean
+.PHONY: setup system-deps demo test test-unit test-integration lint format bench repro clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -49,8 +49,18 @@ format: setup
 	$(VENV)/bin/ruff format platform tests benchmarks
 	$(VENV)/bin/ruff check --fix platform tests benchmarks
 
+# Benchmarks write benchmarks/results/<name>.json; BENCHMARKS.md quotes them.
 bench: setup
 	$(PY) benchmarks/digits.py
+	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/tune.py
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/detection.py
+
+# The DVC pipeline (prepare -> train -> evaluate); its stages call the scalelab verbs.
+repro: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
 clean:
 	rm -rf .scalelab outputs reports

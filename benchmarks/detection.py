@@ -12,27 +12,51 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write_results  # noqa: E402
 from scalelab.config import validate_recipe  # noqa: E402
-from scalelab.data import load_dataset  # noqa: E402
+from scalelab.data import read_raw  # noqa: E402
 from scalelab.train.loop import fit  # noqa: E402
 
 MODELS = {"multiscale": "msdet_s", "baseline": "det_s_baseline"}
 
 
-def recipe(variant: str, seed: int, args: argparse.Namespace, data_dir: str) -> dict:
+def torchmetrics_map(result, data) -> dict[str, float]:
+    """The same test predictions scored by torchmetrics' MeanAveragePrecision (needs torchvision,
+    so only where it is installed, e.g. the GPU machine): a cross-check of the pycocotools path."""
+    import torch
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from scalelab.train.detection import DetectionLoader
+
+    split = data.splits["test"]
+    loader = DetectionLoader(split, 256, data.mean, data.std, device=result.runtime.device)
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+    result.model.eval()
+    for x, targets in loader:
+        with torch.no_grad(), result.runtime.autocast():
+            preds = result.model.predict(x)
+        metric.update(
+            [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in p.items()} for p in preds],
+            [
+                {"boxes": b.cpu(), "labels": lab.cpu()}
+                for b, lab in zip(targets.boxes, targets.labels, strict=True)
+            ],
+        )
+    out = metric.compute()
+    return {"map50_torchmetrics": float(out["map_50"]), "map_small_torchmetrics": float(out["map_small"])}
+
+
+def recipe(variant: str, seed: int, args: argparse.Namespace) -> dict:
     return {
         "name": "scenes-bench",
         "data": {
             "name": "scenes-bench",
             "kind": "scenes",
             "image_size": args.canvas,
-            "data_dir": data_dir,
             "scenes": {
                 "num_scenes": args.scenes,
                 "objects_per_scene": [1, 5],
@@ -63,31 +87,35 @@ def main() -> None:
     ap.add_argument("--canvas", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1, help="1 avoids thread thrash on a shared machine")
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument(
+        "--crosscheck", action="store_true", help="also score with torchmetrics (needs torchvision)"
+    )
     ap.add_argument("--name", default="detection", help="results file name (benchmarks/results/NAME.json)")
     args = ap.parse_args()
 
     runs: dict[str, list[dict]] = {k: [] for k in MODELS}
-    with tempfile.TemporaryDirectory(prefix="scalelab-detbench-") as data_dir:
-        for seed in args.seeds:
-            for key, variant in MODELS.items():  # interleaved: machine load drifts hit both alike
-                spec = validate_recipe(recipe(variant, seed, args, data_dir))
-                data = load_dataset(spec.data)
-                start = time.perf_counter()
-                result = fit(spec, data)
-                test = result.test
-                run = {
-                    "seed": seed,
-                    "variant": variant,
-                    "params": result.params,
-                    "map50": test.map50,
-                    "map": test.map,
-                    "map_small": test.map_small,
-                    "map_medium": test.map_medium,
-                    "seconds": round(time.perf_counter() - start, 1),
-                    "precision": result.runtime.precision,
-                }
-                runs[key].append(run)
-                print(run, flush=True)
+    data = read_raw(validate_recipe(recipe(MODELS["multiscale"], 0, args)).data)  # one scene set for all runs
+    for seed in args.seeds:
+        for key, variant in MODELS.items():  # interleaved: machine load drifts hit both alike
+            spec = validate_recipe(recipe(variant, seed, args))
+            start = time.perf_counter()
+            result = fit(spec, data)
+            test = result.test
+            run = {
+                "seed": seed,
+                "variant": variant,
+                "params": result.params,
+                "map50": test.map50,
+                "map": test.map,
+                "map_small": test.map_small,
+                "map_medium": test.map_medium,
+                "seconds": round(time.perf_counter() - start, 1),
+                "precision": result.runtime.precision,
+            }
+            if args.crosscheck:
+                run.update(torchmetrics_map(result, data))
+            runs[key].append(run)
+            print(run, flush=True)
     figures: dict = {}
     for key in MODELS:
         figures[f"map50_{key}"] = round(median([r["map50"] for r in runs[key]]), 4)

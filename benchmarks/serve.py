@@ -10,12 +10,11 @@ counted. The load generator runs on the same (shared, 2-core) machine: quote rat
     .venv/bin/python benchmarks/serve.py [--bundle DIR] [--duration 6]
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -34,32 +33,35 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 CONCURRENCY = (1, 8, 32, 64)
 
 
-def pick_model(args, work: Path) -> tuple[str, Path, dict]:
+def pick_model(args) -> tuple[str, Path, dict]:
     """The Fashion-MNIST default model where the dataset exists (trained here if none given), else digits."""
     from scalelab.config import load_recipe
     from scalelab.train.api import run_training
 
     dataset = "fashion-mnist" if FASHION.is_dir() else "digits"
     if args.bundle:
-        return dataset, Path(args.bundle).resolve(), {"trained_here": False}
-    overrides = ["tracking.enabled=false", "train.run_name=bench-serve", f"train.epochs={args.train_epochs}"]
+        bundle = Path(args.bundle).resolve()
+        info: dict = {"trained_here": False}
+        if (bundle.parent / "metrics.json").is_file():  # written beside the bundle by `scalelab train`
+            info["model_test_acc"] = json.loads((bundle.parent / "metrics.json").read_text()).get("test_acc")
+        return dataset, bundle, info
+    epochs = args.train_epochs or (1 if dataset == "fashion-mnist" else 20)
+    overrides = ["tracking.enabled=false", "train.run_name=bench-serve", f"train.epochs={epochs}"]
     spec = load_recipe(REPO / "pipelines" / f"{dataset}.yaml", overrides)
-    print(f"training the {dataset} default model ({spec.model.variant}) for {args.train_epochs} epoch(s)...")
+    print(f"training the {dataset} default model ({spec.model.variant}) for {epochs} epoch(s)...")
     outcome = run_training(spec)
     return (
         dataset,
         outcome.model_dir.resolve(),
         {
             "trained_here": True,
-            "train_epochs": args.train_epochs,
+            "train_epochs": epochs,
             "model_test_acc": outcome.metrics["test_acc"],
         },
     )
 
 
 def request_body(bundle: Path) -> bytes:
-    import json
-
     from PIL import Image
 
     from scalelab.config.specs import DataSpec
@@ -135,6 +137,7 @@ def serve_variant(bundle: Path, port: int, batching: bool, app: str) -> str:
         batch_wait_timeout_s=0.002,
         max_ongoing_requests=128,
         max_queued_requests=-1,
+        access_log=False,  # the bare app logs no requests either
     )
     args = {"bundle_path": str(bundle), "serve": spec.model_dump(), "include_key": False}
     serve.run(build_application(args), name=app, route_prefix=f"/{app}")
@@ -166,7 +169,7 @@ def bare_server(bundle: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def swap_under_load(bundle: Path, port: int, body: bytes, work: Path, duration: float) -> dict:
+def swap_under_load(bundle: Path, port: int, body: bytes, work: Path) -> dict:
     """Follow @champion of an embedded registry, promote a second version at concurrency 32."""
     import httpx
     from ray import serve
@@ -180,13 +183,18 @@ def swap_under_load(bundle: Path, port: int, body: bytes, work: Path, duration: 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = connect(uri)
     versions = [
-        register_run(client, log_bundle_run(client, bundle, run_name=f"bench-{i}"), name="bench").version
+        str(register_run(client, log_bundle_run(client, bundle, run_name=f"bench-{i}"), name="bench").version)
         for i in range(2)
     ]
     loose = {"latency_p95_ms": 1e6, "min_accuracy": 0.0}
     promote(client, "bench", version=versions[0], policy=loose)
     spec = ServeSpec(
-        port=port, cpus_per_replica=1, max_ongoing_requests=128, max_queued_requests=-1, poll_interval_s=0.5
+        port=port,
+        cpus_per_replica=1,
+        max_ongoing_requests=128,
+        max_queued_requests=-1,
+        poll_interval_s=0.5,
+        access_log=False,
     )
     serve.run(
         build_application(
@@ -196,24 +204,46 @@ def swap_under_load(bundle: Path, port: int, body: bytes, work: Path, duration: 
         route_prefix="/swap",
     )
     base = f"http://127.0.0.1:{port}/swap"
-    result: dict = {}
+    stop = threading.Event()
+    counts = {"ok": 0, "failed": 0}
 
-    def run_load() -> None:
-        result.update(asyncio.run(load(f"{base}/v1/predict", body, 32, duration, warmup=0.0)))
+    async def until_stopped() -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
 
-    loader = threading.Thread(target=run_load)
+            async def worker() -> None:
+                while not stop.is_set():
+                    try:
+                        r = await http.post(
+                            f"{base}/v1/predict", content=body, headers={"content-type": "application/json"}
+                        )
+                        counts["ok" if r.status_code == 200 else "failed"] += 1
+                    except Exception:  # noqa: BLE001 - a dropped connection is a failed request
+                        counts["failed"] += 1
+
+            await asyncio.gather(*(worker() for _ in range(32)))
+
+    loader = threading.Thread(target=lambda: asyncio.run(until_stopped()))
     loader.start()
-    time.sleep(min(2.0, duration / 4))
+    time.sleep(2.0)
     started = time.perf_counter()
-    promote(client, "bench", version=versions[1], policy=loose)
+    outcome = promote(client, "bench", version=versions[1], policy=loose)  # the gate runs under load too
+    if not outcome.moved:
+        stop.set()
+        raise RuntimeError(f"promotion refused: {outcome.reasons}")
+    deadline = time.time() + 120
     while httpx.get(f"{base}/v1/model", timeout=10).json()["version"] != versions[1]:
+        if time.time() > deadline:
+            stop.set()
+            raise RuntimeError("the replica did not pick up the new champion within 120 s")
         time.sleep(0.1)
     swapped_after = time.perf_counter() - started
+    time.sleep(2.0)
+    stop.set()
     loader.join()
     serve.delete("swap")
     return {
-        "swap_failed_requests": result["failed"],
-        "swap_total_requests": result["ok"] + result["failed"],
+        "swap_failed_requests": counts["failed"],
+        "swap_total_requests": counts["ok"] + counts["failed"],
         "swap_seconds_promote_to_served": round(swapped_after, 2),
     }
 
@@ -223,7 +253,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--bundle", help="Model bundle folder (default: train the dataset's default model).")
-    parser.add_argument("--train-epochs", type=int, default=1, help="Epochs when training the model here.")
+    parser.add_argument("--train-epochs", type=int, help="Epochs when training here (fashion 1, digits 20).")
     parser.add_argument("--duration", type=float, default=6.0, help="Measured seconds per point.")
     parser.add_argument("--bare-server", nargs=2, metavar=("BUNDLE", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -233,7 +263,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = Path(tempfile.mkdtemp(prefix="scalelab-bench-serve-"))
     os.chdir(work)  # data/, outputs/, the registry: all in a scratch folder
-    dataset, bundle, model_info = pick_model(args, work)
+    _, bundle, model_info = pick_model(args)
     body = request_body(bundle)
 
     import httpx
@@ -241,9 +271,14 @@ def main() -> None:
     from ray import serve
 
     from scalelab.cluster.services import free_port, wait_http
+    from scalelab.train.checkpoint import read_bundle_meta
 
+    meta = read_bundle_meta(bundle)
+    dataset = meta["dataset"]["name"]
     figures: dict = {
         "dataset": dataset,
+        "model_variant": meta["recipe"]["model"].get("variant"),
+        "input": meta["dataset"]["shape"],
         **model_info,
         "note": "shared 2-core machine; load generator on the same machine; one torch thread per "
         "server (1-CPU Serve replica + Serve proxy vs one uvicorn process)",
@@ -270,11 +305,12 @@ def main() -> None:
             httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
             sweep(label, url, body, args.duration, figures)
             serve.delete(label)
-        figures.update(swap_under_load(bundle, port, body, work, max(8.0, 2 * args.duration)))
+        figures.update(swap_under_load(bundle, port, body, work))
         print(f"swap: {figures['swap_failed_requests']} failed of {figures['swap_total_requests']}")
     finally:
         serve.shutdown()
         ray.shutdown()
+    figures["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)  # how shared the machine was
     figures["batched_vs_bare_c32_rps_ratio"] = round(figures["batched_c32_rps"] / figures["bare_c32_rps"], 2)
     figures["batched_vs_unbatched_c32_rps_ratio"] = round(
         figures["batched_c32_rps"] / figures["unbatched_c32_rps"], 2

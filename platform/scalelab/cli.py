@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "scalelab.registry.commands",
     "scalelab.serve.commands",
     "scalelab.cluster.job_commands",
+    "scalelab.pipeline.commands",
     "scalelab.tune.commands",
 ]
 

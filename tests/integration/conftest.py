@@ -57,7 +57,9 @@ def ray_session():
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": always a fresh instance, never a `ray start` cluster left on this machine
+    ctx = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                   configure_logging=False)
     yield ctx
     ray.shutdown()
 

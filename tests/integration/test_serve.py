@@ -114,6 +114,7 @@ def served(local_ray, mlflow_server, digits_bundles, tmp_path_factory):
         x=x,
         y=y,
         session_dir=local_ray.address_info["session_dir"],
+        metrics_port=local_ray.address_info["metrics_export_port"],
     )
     deploy(s)
     yield s
@@ -483,3 +484,49 @@ def test_demo_page_in_headless_chromium(served, tmp_path):
         deploy(served)
     assert "API key required" in result["asked"]
     assert result["top1"] == expected and result["bars"] == 5
+
+
+def test_prometheus_metrics_carry_the_model_version(served):
+    port = served.metrics_port
+    want = f'model_version="{httpx.get(f"{served.url}/v1/model").json()["version"]}"'
+    deadline = time.time() + 60
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        info = [
+            line for line in text.splitlines() if line.startswith("ray_scalelab_model_info{") and want in line
+        ]
+        if info and any(line.startswith("ray_scalelab_predict_latency_ms") for line in text.splitlines()):
+            break
+        assert time.time() < deadline, "scalelab metrics did not reach the Prometheus endpoint"
+        time.sleep(1)
+    assert info[-1].endswith(" 1.0")
+    assert "ray_serve_num_http_requests" in text or "ray_serve_deployment_request_counter" in text
+
+
+def test_overload_gets_a_fast_503(served):
+    """Last in the module: changes deployment options (a replica restart), not just user_config."""
+    from ray import serve
+
+    spec = ServeSpec(port=served.port, batching=False, max_ongoing_requests=1, max_queued_requests=1)
+    cfg = replica_config(spec, served.name, "champion", None, served.uri, include_key=False)
+    serve.run(
+        build_application({"serve": spec.model_dump(), "user_config": cfg.model_dump()}),
+        name=APP,
+        route_prefix="/",
+    )
+    heavy = {"images": [b64(png(np.zeros((900, 900), dtype=np.uint8)))] * 10}
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=60) as http:
+
+            async def one():
+                t0 = time.perf_counter()
+                r = await http.post(f"{served.url}/v1/predict", json=heavy)
+                return r.status_code, time.perf_counter() - t0
+
+            return await asyncio.gather(*(one() for _ in range(16)))
+
+    results = asyncio.run(flood())
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 8 and 200 in codes, codes
+    assert max(t for c, t in results if c == 503) < max(t for c, t in results if c == 200) + 1.0

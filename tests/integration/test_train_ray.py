@@ -41,20 +41,32 @@ def test_two_workers_checkpoint_to_s3_and_log_everything(
     import mlflow
 
     from scalelab.tracking import download_bundle
+    from scalelab.tracking.runs import using_tracking_uri
     from scalelab.train.checkpoint import load_model_bundle
 
     spec = load_recipe(
         "pipelines/digits.yaml",
-        FAST + ["train.workers=2", "train.epochs=3", "train.num_to_keep=2", "train.run_name=two",
-                f"train.storage_path=s3://{s3_bucket}/runs", f"train.storage_endpoint={s3_server.url}"],
+        FAST
+        + [
+            "train.workers=2",
+            "train.epochs=3",
+            "train.num_to_keep=2",
+            "train.run_name=two",
+            f"train.storage_path=s3://{s3_bucket}/runs",
+            f"train.storage_endpoint={s3_server.url}",
+        ],
     )
     out = run_training(spec)
     assert [h["epoch"] for h in out.history] == [1, 2, 3] and out.history[0]["world_size"] == 2
     assert out.metrics["test_acc"] > 0.5
 
     # checkpoints live on the S3 server, pruned to num_to_keep (the latest always kept)
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server.url)
-            .list_objects_v2(Bucket=s3_bucket, Prefix="runs/two/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3_server.url).list_objects_v2(
+            Bucket=s3_bucket, Prefix="runs/two/"
+        )["Contents"]
+    ]
     ckpts = sorted({k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_0")})
     assert "checkpoint_0003" in ckpts and len(ckpts) <= 2
     assert "runs/two/checkpoint_0003/model.safetensors" in keys
@@ -65,18 +77,35 @@ def test_two_workers_checkpoint_to_s3_and_log_everything(
     assert run.info.status == "FINISHED"
     assert run.data.params["train.workers"] == "2" and run.data.params["model.variant"] == "msresnet_tiny"
     tags = run.data.tags
-    for key in ("git.commit", "git.dirty", "scalelab.spec_hash", "data.name", "data.hash", "ray.job_id",
-                "ray.version", "scalelab.version", "weights_sha256"):
+    for key in (
+        "git.commit",
+        "git.dirty",
+        "scalelab.spec_hash",
+        "data.name",
+        "data.hash",
+        "ray.job_id",
+        "ray.version",
+        "scalelab.version",
+        "weights_sha256",
+    ):
         assert tags.get(key), key
     for name in ("train_loss", "val_acc", "lr", "images_per_s", "epoch_seconds"):
         assert [m.step for m in client.get_metric_history(out.run_id, name)] == [1, 2, 3], name
     assert run.data.metrics["test_acc"] == pytest.approx(out.metrics["test_acc"])
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "digits"
     top = {a.path for a in client.list_artifacts(out.run_id)}
-    assert {"bundle", "checkpoint", "metrics.json", "recipe.yaml", "training_curves.png",
-            "confusion_matrix.png"} <= top
-    assert {a.path for a in client.list_artifacts(out.run_id, "bundle")} == {"bundle/model.json",
-                                                                           "bundle/model.safetensors"}
+    assert {
+        "bundle",
+        "checkpoint",
+        "metrics.json",
+        "recipe.yaml",
+        "training_curves.png",
+        "confusion_matrix.png",
+    } <= top
+    assert {a.path for a in client.list_artifacts(out.run_id, "bundle")} == {
+        "bundle/model.json",
+        "bundle/model.safetensors",
+    }
 
     # the scalelab bundle round-trips through MLflow (what the registry and serving load)
     bundle = download_bundle(out.run_id, tmp_path / "dl")
@@ -88,8 +117,8 @@ def test_two_workers_checkpoint_to_s3_and_log_everything(
     from scalelab.train.api import example_batch
 
     x = torch.from_numpy(example_batch(load_dataset(spec.data), n=5))
-    mlflow.set_tracking_uri(tracking_uri)
-    logged = mlflow.pytorch.load_model(f"runs:/{out.run_id}/model")
+    with using_tracking_uri(tracking_uri):  # no global MLflow state left for other tests
+        logged = mlflow.pytorch.load_model(f"runs:/{out.run_id}/model")
     with torch.no_grad():
         got, want = logged(x), model.eval()(x)
     assert got.shape == (5, 10)
@@ -101,8 +130,14 @@ def test_killed_worker_resumes_from_its_last_checkpoint(workdir: Path, ray_sessi
     monkeypatch.setenv("SCALELAB_FAULT_INJECT", f"rank=1,epoch=2,marker={marker}")
     spec = load_recipe(
         "pipelines/digits.yaml",
-        FAST + ["train.workers=2", "train.epochs=4", "train.max_failures=2", "train.run_name=wk",
-                "tracking.enabled=false"],
+        FAST
+        + [
+            "train.workers=2",
+            "train.epochs=4",
+            "train.max_failures=2",
+            "train.run_name=wk",
+            "tracking.enabled=false",
+        ],
     )
     out = run_training(spec)
     assert marker.exists(), "the fault was not injected"
@@ -122,13 +157,27 @@ def _checkpoints_registered(run_dir: Path) -> int:
 
 
 def test_killed_driver_resumes_when_the_command_is_rerun(workdir: Path, ray_session, tracking_uri: str):
-    env = {**os.environ, "RAY_ADDRESS": ray_session.address_info["gcs_address"], "PYTHONUNBUFFERED": "1",
-           "MLFLOW_TRACKING_URI": tracking_uri}
-    cmd = [sys.executable, "-m", "scalelab.cli", "train", "pipelines/digits.yaml", *FAST,
-           "train.batch_size=32", "train.workers=1", "train.epochs=8", "train.run_name=drv"]
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_session.address_info["gcs_address"],
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "scalelab.cli",
+        "train",
+        "pipelines/digits.yaml",
+        *FAST,
+        "train.batch_size=32",
+        "train.workers=1",
+        "train.epochs=8",
+        "train.run_name=drv",
+    ]
     run_dir = workdir / ".scalelab/runs/drv"
-    log = open(workdir / "first.log", "w")
-    first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(workdir / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 150
         while _checkpoints_registered(run_dir) < 1:

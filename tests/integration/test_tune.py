@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from scalelab.config import load_recipe
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
 DIGITS = REPO / "pipelines" / "digits.yaml"
 SCALELAB = str(Path(sys.executable).with_name("scalelab"))
 TINY_SPACE = {
@@ -25,6 +25,18 @@ TINY_SPACE = {
     "model.head": {"choice": ["last", "mean_logits", "concat"]},
     "train.lr": {"loguniform": [0.02, 0.3]},
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_local_ray():
+    """Make `ray_session`'s plain ray.init() start a local Ray rather than attach to a `ray start`
+    cluster someone else left on this machine (it then refuses num_cpus). Autouse fixtures run
+    first within their scope, so this is set before `ray_session` starts Ray."""
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_ADDRESS", "local")
+    yield
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
 
 
 def tiny_search(**overrides):
@@ -118,9 +130,9 @@ def test_over_budget_configuration_is_never_launched(workdir, ray_session, track
     assert [r["model.base_width"] for r in pruned] == [64]
     assert "search.max_params" in pruned[0]["reason"] and pruned[0]["params"] > small * 2
     # Tune never created a trial for it: one trial folder, one trial in the experiment state
-    assert len(list(outcome.search_dir.glob("trial_*"))) == 1
+    assert len(list((outcome.search_dir / "tune").glob("trial_*"))) == 1
     state = json.loads(
-        Path(sorted(glob.glob(str(outcome.search_dir / "experiment_state-*.json")))[-1]).read_text()
+        Path(sorted(glob.glob(str(outcome.search_dir / "tune" / "experiment_state-*.json")))[-1]).read_text()
     )
     assert len(state["trial_data"]) == 1
     assert "over budget" in (outcome.search_dir / "results.csv").read_text()
@@ -135,7 +147,7 @@ def test_over_budget_configuration_is_never_launched(workdir, ray_session, track
 
 
 def _trial_states(search_dir: Path) -> dict[str, str]:
-    states = sorted(search_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    states = sorted((search_dir / "tune").glob("experiment_state-*.json"))  # names carry the start time
     if not states:
         return {}
     try:
@@ -187,7 +199,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(workdir):
     before = _trial_states(search_dir)
     finished = [t for t, s in before.items() if s == "TERMINATED"]
     lines_before = {
-        t: len((search_dir / f"trial_{t}" / "result.json").read_text().splitlines()) for t in finished
+        t: len((search_dir / "tune" / f"trial_{t}" / "result.json").read_text().splitlines())
+        for t in finished
     }
     assert finished and all(n == 3 for n in lines_before.values())
 
@@ -204,7 +217,10 @@ def test_killed_search_resumes_without_rerunning_finished_trials(workdir):
     assert len(after) == 4 and set(after.values()) == {"TERMINATED"}  # the searcher did not start over
     assert set(finished) <= set(after)
     for t in finished:  # not rerun: the same three epochs, started once
-        assert len((search_dir / f"trial_{t}" / "result.json").read_text().splitlines()) == lines_before[t]
+        assert (
+            len((search_dir / "tune" / f"trial_{t}" / "result.json").read_text().splitlines())
+            == lines_before[t]
+        )
         assert json.loads((search_dir / "trials.json").read_text())["trials"][t]["starts"] == 1
     rows = (search_dir / "results.csv").read_text().splitlines()[1:]
     assert len(rows) == 4 and all(",completed," in r for r in rows)

@@ -15,7 +15,7 @@ from scalelab.config.specs import DataSpec, ModelSpec
 from scalelab.data import read_prepared, read_raw, write_prepared
 from scalelab.data.dataset import Split
 from scalelab.data.scenes import write_coco
-from scalelab.errors import DataError
+from scalelab.errors import ConfigError, DataError
 from scalelab.models import count_params, create_model, list_models
 from scalelab.models.detection import batched_nms, box_iou, build_detector, decode, nms, predict_boxes
 from scalelab.train.detection import BoxTargets, coco_map, encode_targets
@@ -149,10 +149,9 @@ def test_fpn_builds_from_every_classifier(name):
     torch.manual_seed(0)
     spec = ModelSpec(variant=name, task="detection", fpn_width=24)
     det = build_detector(spec, in_chans=3, num_classes=5, image_size=64)
-    levels = sorted({lvl % len(det.feature_info) for lvl in spec.fpn_levels})
-    for conv, lvl in zip(
-        det.fpn.lateral, levels, strict=True
-    ):  # laterals sized from feature_info, not by hand
+    levels = det.fpn.levels  # spec.fpn_levels, normalised to stage indices
+    # the lateral convs are sized from feature_info, never by hand
+    for conv, lvl in zip(det.fpn.lateral, levels, strict=True):
         assert conv.in_channels == det.feature_info[lvl]["num_chs"]
     x = torch.randn(2, 3, 64, 64)
     heat, ltrb = det(x)
@@ -167,6 +166,8 @@ def test_fpn_builds_from_every_classifier(name):
 def test_fpn_levels_and_width_are_configurable():
     coarse = create_model("msdet_s", in_chans=1, num_classes=3, image_size=64, fpn_levels=[1, 2])
     assert coarse.stride == 8 and coarse(torch.zeros(1, 1, 64, 64))[0].shape[-1] == 8
+    middle = create_model("msdet_s", in_chans=1, num_classes=3, image_size=64, fpn_levels=[-2])
+    assert middle.stride == 8 and len(middle.backbone.stages) == 2  # the unused last stage is dropped
     wide = create_model("msdet_s", in_chans=1, num_classes=3, image_size=64, fpn_width=96)
     assert count_params(wide) > count_params(
         create_model("msdet_s", in_chans=1, num_classes=3, image_size=64)
@@ -222,6 +223,35 @@ def test_targets_and_decoding_invert_each_other():
     order = det["labels"].argsort(descending=True)
     assert det["labels"][order].tolist() == [2, 0]
     assert torch.allclose(det["boxes"][order], boxes)
+
+
+def test_loss_without_objects_still_reaches_every_parameter():
+    from scalelab.train.detection import detection_loss
+
+    det = create_model("msdet_s", in_chans=1, num_classes=3, image_size=32)
+    empty = BoxTargets([torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.long)] * 2, torch.arange(2), 32)
+    loss = detection_loss(det(torch.randn(2, 1, 32, 32)), empty)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in det.parameters())  # DDP needs all
+
+
+def test_flipped_batches_flip_their_boxes():
+    from scalelab.config.specs import AugmentSpec
+    from scalelab.train.detection import DetectionLoader
+
+    split = read_raw(scene_spec()).splits["train"]
+    loader = DetectionLoader(split, 8, [0.0], [1 / 255], shuffle=True, augment=AugmentSpec(hflip=True))
+    flipped = 0
+    for x, targets in loader:  # x is the raw image here (mean 0, std 1/255)
+        for img, boxes, i in zip(x[:, 0], targets.boxes, targets.image_ids.tolist(), strict=True):
+            inside = torch.zeros_like(img, dtype=torch.bool)
+            for x1, y1, x2, y2 in boxes.round().long().tolist():
+                inside[y1:y2, x1:x2] = True
+            assert not (img[~inside] > 0).any()  # every lit pixel is inside a (flipped) box
+            flipped += not torch.equal(img, torch.from_numpy(split.x[i, ..., 0]).float())
+    assert flipped > 0
+    with pytest.raises(ConfigError, match="hflip"):
+        DetectionLoader(split, 8, [0.0], [1.0], shuffle=True, augment=AugmentSpec(crop_padding=2))
 
 
 def test_coco_map_of_perfect_and_empty_predictions():

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from scalelab.cluster.jobs import check_resources, entrypoint, load_job_spec, recipe_overrides, validate_job
 from scalelab.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 

@@ -2,8 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_platform_is_stdlib_under_pytest():
@@ -16,7 +17,10 @@ def test_platform_is_stdlib_under_pytest():
 def test_platform_is_stdlib_from_repo_root():
     out = subprocess.run(
         [sys.executable, "-c", "import platform, scalelab; print(platform.system(), scalelab.__file__)"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     system, path = out.stdout.split()
     assert system == __import__("platform").system()

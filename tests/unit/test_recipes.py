@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from scalelab.config import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
 
 RECIPES = sorted((REPO / "pipelines").glob("*.yaml"))
 

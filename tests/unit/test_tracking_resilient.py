@@ -58,8 +58,9 @@ class Clock:
 
 def make(client: FakeClient, clock: Clock, tmp_path: Path | None = None) -> ResilientLogger:
     spill = tmp_path / "unsent.json" if tmp_path else None
-    return ResilientLogger(client, "run1", backoff_s=1.0, max_backoff_s=4.0, clock=clock, sleep=clock.sleep,
-                           spill_path=spill)
+    return ResilientLogger(
+        client, "run1", backoff_s=1.0, max_backoff_s=4.0, clock=clock, sleep=clock.sleep, spill_path=spill
+    )
 
 
 def test_logs_go_through_in_order_when_the_server_answers():
@@ -67,8 +68,11 @@ def test_logs_go_through_in_order_when_the_server_answers():
     log = make(client, clock)
     log.log_params({"train.lr": 0.1, "model.depths": [1, 2]})
     log.log_metrics({"val_acc": 0.5, "flag": True, "name": "x"}, step=1)
-    assert client.calls == [("param", ("train.lr", "0.1")), ("param", ("model.depths", "[1, 2]")),
-                            ("metric", ("val_acc", 1, 0.5))]  # non-numbers are not metrics
+    assert client.calls == [
+        ("param", ("train.lr", "0.1")),
+        ("param", ("model.depths", "[1, 2]")),
+        ("metric", ("val_acc", 1, 0.5)),
+    ]  # non-numbers are not metrics
     assert log.pending == 0
 
 
@@ -162,12 +166,15 @@ def test_storage_location_and_fault_spec(monkeypatch, workdir):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     spec = load_recipe(
-        "pipelines/digits.yaml", ["train.storage_path=s3://bkt/pre/", "train.storage_endpoint=http://127.0.0.1:9"]
+        "pipelines/digits.yaml",
+        ["train.storage_path=s3://bkt/pre/", "train.storage_endpoint=http://127.0.0.1:9"],
     )
     path, fs = storage_location(spec)
     assert path == "bkt/pre" and fs.type_name == "s3"
     assert fs.__reduce__()[1][0]["endpoint_override"] == "127.0.0.1:9"  # travels to workers with keys
-    spec = load_recipe("pipelines/digits.yaml", ["train.storage_path=s3://b/p?endpoint_override=h:1&scheme=http"])
+    spec = load_recipe(
+        "pipelines/digits.yaml", ["train.storage_path=s3://b/p?endpoint_override=h:1&scheme=http"]
+    )
     assert storage_location(spec) == ("s3://b/p?endpoint_override=h:1&scheme=http", None)
     assert parse_fault("rank=1,epoch=2,marker=/tmp/m") == {"rank": 1, "epoch": 2, "marker": "/tmp/m"}
     assert parse_fault("") is None

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from scalelab.config import load_recipe
 from scalelab.errors import ConfigError
 from scalelab.tune.report import pick_best, sort_rows
 from scalelab.tune.searchers import PointsSearcher, ScreenedSearcher, build_inner_searcher, grid_points
 from scalelab.tune.space import Screen, apply_config, decode_config, to_tune_space, validate_space
 
-DIGITS = REPO / "pipelines" / "digits.yaml"
+DIGITS = Path(__file__).resolve().parents[2] / "pipelines" / "digits.yaml"
 
 
 def recipe(space: dict, **search) -> object:
@@ -67,15 +67,18 @@ def test_empty_choice_and_inverted_range_fail_at_load(space, words):
     assert f"search.space.{key}" in str(err.value) and words in str(err.value)
 
 
-def test_bad_space_fails_before_anything_is_launched(workdir):
-    import ray
+def test_bad_space_fails_before_anything_is_launched(workdir, monkeypatch):
+    import scalelab.data.catalog
+    import scalelab.tune.driver as driver
 
-    from scalelab.tune.driver import run_search
+    def never(*args, **kwargs):
+        raise AssertionError("nothing may start for an invalid search space")
 
+    monkeypatch.setattr(driver, "ensure_ray", never)
+    monkeypatch.setattr(scalelab.data.catalog, "load_dataset", never)
     spec = recipe({"model.nope": {"choice": [1]}})
     with pytest.raises(ConfigError, match="model.nope"):
-        run_search(spec, name="never")
-    assert not ray.is_initialized()
+        driver.run_search(spec, name="never")
     assert not (workdir / ".scalelab" / "tune" / "never").exists()
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -83,18 +84,20 @@ def live_ray_address(path: Path = STACK_FILE) -> str | None:
     return None
 
 
-def _wait_port(host: str, port: int, timeout: float, svc: Service) -> None:
+def _wait_port(host: str, port: int, timeout: float, svc: Service, ready_line: str | None = None) -> None:
+    """Wait until ``host:port`` accepts connections (and ``ready_line`` is in the service's log)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        log_text = Path(svc.log).read_text(errors="replace") if Path(svc.log).exists() else ""
         if not svc.alive():
-            tail = Path(svc.log).read_text()[-2000:] if Path(svc.log).exists() else ""
-            raise ScalelabError(f"ray head exited while starting:\n{tail}")
+            raise ScalelabError(f"{svc.name} exited while starting:\n{log_text[-2000:]}")
         with socket.socket() as s:
             s.settimeout(1)
-            if s.connect_ex((host, port)) == 0:
-                return
+            port_open = s.connect_ex((host, port)) == 0
+        if port_open and (ready_line is None or ready_line in log_text):
+            return
         time.sleep(0.3)
-    raise ScalelabError(f"ray head did not open {host}:{port} within {timeout:.0f}s (log: {svc.log})")
+    raise ScalelabError(f"{svc.name} did not open {host}:{port} within {timeout:.0f}s (log: {svc.log})")
 
 
 def start_ray_head(
@@ -135,6 +138,10 @@ def start_ray_head(
         cmd += ["--dashboard-host", host, "--dashboard-port", str(ports["dashboard"])]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
+    # A private temp dir keeps `ray start` from writing /tmp/ray/ray_current_cluster, which would make
+    # every plain ray.init() on this machine (other users, test sessions) attach to this head.
+    temp_dir = Path(tempfile.gettempdir()) / f"scalelab-ray-{port}"
+    cmd += ["--temp-dir", str(temp_dir)]
     log = state / f"ray-head-{port}.log"
     # Token authentication (Ray's default when ~/.ray/auth_token exists) made explicit: drivers
     # that connect must then say so too (stack.json's ray_auth_mode; connect_ray reads it).
@@ -151,7 +158,8 @@ def start_ray_head(
     proc = _spawn("ray", cmd, log, env)
     svc = Service("ray", proc.pid, f"{host}:{port}", str(log))
     try:
-        _wait_port(host, port, timeout, svc)
+        # GCS listens long before the node is up (a slow raylet start still fails afterwards)
+        _wait_port(host, port, timeout, svc, ready_line="Ray runtime started")
         if dashboard:  # with token auth the dashboard answers 401 to us: that still means "up"
             _wait_port(host, ports["dashboard"], timeout, svc)
     except ScalelabError:

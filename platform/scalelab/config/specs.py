@@ -325,6 +325,7 @@ class ServeSpec(_Spec):
     )
     poll_interval_s: float = Field(5.0, gt=0, description="How often the registry alias is polled.")
     app_name: str | None = Field(None, description="Serve application name (default: scalelab-<model>).")
+    access_log: bool = Field(True, description="Ray Serve's per-request access log in the replicas.")
     image: str = Field(
         "ghcr.io/scalelab/scalelab:0.1.0-gpu",
         description="Container image (scalelab installed) for the RayService manifest.",

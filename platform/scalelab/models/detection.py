@@ -34,8 +34,7 @@ class FPN(nn.Module):
 
     def __init__(self, feature_info: list[dict[str, Any]], levels: list[int], width: int) -> None:
         super().__init__()
-        n = len(feature_info)
-        self.levels = sorted({lvl % n for lvl in levels})
+        self.levels = sorted(set(levels))  # stage indices into feature_info, >= 0
         self.lateral = nn.ModuleList(nn.Conv2d(feature_info[i]["num_chs"], width, 1) for i in self.levels)
         self.smooth = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
@@ -101,11 +100,11 @@ class Detector(nn.Module):
         # detection reads forward_features only: drop the classifier and any stage deeper than the
         # deepest FPN level, so every parameter gets a gradient (DDP requires it)
         n = len(self.backbone.feature_info)
-        deepest = max(lvl % n for lvl in spec.fpn_levels)
+        levels = sorted({lvl % n for lvl in spec.fpn_levels})  # negative indices count from the end
         self.backbone.head = nn.Identity()
-        self.backbone.stages = self.backbone.stages[: deepest + 1]
-        self.feature_info = self.backbone.feature_info[: deepest + 1]
-        self.fpn = FPN(self.feature_info, spec.fpn_levels, spec.fpn_width)
+        self.backbone.stages = self.backbone.stages[: levels[-1] + 1]
+        self.feature_info = self.backbone.feature_info[: levels[-1] + 1]
+        self.fpn = FPN(self.feature_info, levels, spec.fpn_width)
         self.stride = self.fpn.reduction
         self.head = CenterHead(spec.fpn_width, num_classes, self.stride)
         self.decode_config = DecodeConfig()

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scalelab.serve.predictor import Predictor
 from scalelab.serve.preprocess import BadInput, decode_array, decode_base64, decode_image_bytes
@@ -149,6 +150,11 @@ async def _bad_input(_: Request, exc: BadInput) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(
@@ -219,11 +225,10 @@ def load_predictor(cfg: ReplicaConfig, version: str | None = None, cache: Path |
         if ver
         else version_by_alias(client, cfg.model_name, cfg.alias)
     )
-    dest = Path(tempfile.mkdtemp(prefix=f"scalelab-serve-v{mv.version}-", dir=cache))
-    path = fetch_version_bundle(client, mv, dest)
     info = version_info(mv)
     info.update(alias=cfg.alias if not cfg.version else None)
-    return Predictor.from_bundle(path, info)
+    with tempfile.TemporaryDirectory(prefix=f"scalelab-serve-v{mv.version}-", dir=cache) as dest:
+        return Predictor.from_bundle(fetch_version_bundle(client, mv, dest), info)  # weights now in memory
 
 
 def current_alias_version(cfg: ReplicaConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -114,6 +115,10 @@ def register(app: typer.Typer) -> None:
             f"[bold green]serving[/] {target} at {url}/ (demo page), {url}/v1/predict; Ctrl-C stops it",
             highlight=False,
         )
+        def _stop(*_):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _stop)  # `kill PID` stops it as cleanly as Ctrl-C
         try:
             while True:
                 time.sleep(3600)

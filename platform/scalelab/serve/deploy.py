@@ -45,6 +45,7 @@ def deployment_options(spec: ServeSpec, cfg: ReplicaConfig) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica},
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 20,
+        "logging_config": {"enable_access_log": spec.access_log},
         "user_config": cfg.model_dump(),
     }
     if spec.autoscaling:

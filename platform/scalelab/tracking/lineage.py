@@ -82,6 +82,6 @@ def run_tags(spec: Any, run_name: str, data_version: Any | None, mode: str) -> d
         tags.update(data_version.as_tags())
     else:
         tags["data.name"] = spec.data.name
-    if mode == "ray":
+    if mode == "ray":  # the driver may not be connected yet: run_training tags the job again later
         tags.update(ray_job_ids())
     return tags

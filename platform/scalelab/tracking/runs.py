@@ -298,7 +298,9 @@ def log_pytorch_model(target: RunTarget, model: Any, example: Any) -> Any:
     if x.shape[0] < 2:
         x = np.concatenate([x, x])
     with torch.no_grad():
-        y = net(torch.from_numpy(x)).numpy()
+        out = net(torch.from_numpy(x))
+    # a detector returns (heatmap logits, box distances): named outputs in the signature
+    y = out.numpy() if torch.is_tensor(out) else {f"output_{i}": o.numpy() for i, o in enumerate(out)}
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
     # The fluent run makes the logged model belong to the run's experiment (runs:/ID/model resolves).
     with using_tracking_uri(target.uri):
@@ -310,6 +312,17 @@ def log_pytorch_model(target: RunTarget, model: Any, example: Any) -> Any:
         finally:
             with contextlib.suppress(Exception):  # the stack is popped even if the server is gone
                 mlflow.end_run()
+
+
+def tag_ray_job(target: RunTarget) -> None:
+    """``ray.job_id`` (and ``ray.submission_id`` for a submitted job), once Ray is connected."""
+    from scalelab.tracking.lineage import ray_job_ids
+
+    tags = ray_job_ids()
+    if tags:
+        logger = target.logger("driver")
+        logger.set_tags(tags)
+        logger.flush(min(target.flush_timeout_s, 30.0))
 
 
 def end_run(target: RunTarget, status: str = "FINISHED") -> None:

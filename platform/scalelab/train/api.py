@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -
     A run name seen before resumes from its latest checkpoint (and continues its MLflow run).
     With tracking enabled, everything is logged to MLflow and ``run_id`` is returned.
     """
-    from scalelab.tracking.runs import end_run, start_training_run
+    from scalelab.tracking.runs import end_run, start_training_run, tag_ray_job
 
     name = run_name or default_run_name(spec)
     mode = "ray" if spec.train.workers > 0 else "local"
@@ -72,14 +73,20 @@ def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -
     started = time.perf_counter()
     timing = {"run_training": time.time()}  # where the time to the first step goes (benchmarks)
     started_ray = False
-    if mode == "ray":
-        from scalelab.train.ray_trainer import connect_ray
-
-        started_ray = connect_ray()  # first, so that the MLflow run gets the Ray job id
-        timing["ray_connected"] = time.time()
     try:
-        target = start_training_run(spec, name, data, mode, data_path=prepared_path(spec.data))
+        # Opening the MLflow run (import, experiment, params) and connecting to / starting Ray are
+        # independent and each take seconds: do them at the same time.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            opening = pool.submit(start_training_run, spec, name, data, mode, prepared_path(spec.data))
+            if mode == "ray":
+                from scalelab.train.ray_trainer import connect_ray
+
+                started_ray = connect_ray()
+                timing["ray_connected"] = time.time()
+            target = opening.result()
         timing["tracking_opened"] = time.time()
+        if target is not None and mode == "ray":
+            tag_ray_job(target)
         try:
             if mode == "ray":
                 outcome = _train_on_ray(spec, data, name, target, started, timing)

@@ -338,17 +338,19 @@ def draw_predictions(
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+
+    def rect(b, colour: str) -> Rectangle:  # imshow centres pixel j at j: its left edge is j - 0.5
+        return Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, ec=colour, lw=1)
+
     for i, (ax, img) in enumerate(zip(axes.flat, images, strict=False)):
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-        if truths is not None:
-            for b in truths[i][0]:
-                ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=1))
+        for b in truths[i][0] if truths is not None else []:
+            ax.add_patch(rect(b, "lime"))
         pred = predictions[i]
         for b, lab, s in zip(pred["boxes"], pred["labels"], pred["scores"], strict=True):
-            if s < min_score:
-                continue
-            ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="red", lw=1))
-            ax.text(b[0], b[1], f"{lab} {s:.2f}", color="yellow", fontsize=7, va="bottom")
+            if s >= min_score:
+                ax.add_patch(rect(b, "red"))
+                ax.text(b[0] - 0.5, b[1] - 0.5, f"{lab} {s:.2f}", color="yellow", fontsize=7, va="bottom")
     fig.suptitle(f"predictions (red, score >= {min_score:.2f}) and truth (green)", fontsize=9)
     fig.tight_layout()
     path = Path(path)

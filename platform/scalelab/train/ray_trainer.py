@@ -132,6 +132,7 @@ def build_torch_trainer(
             failure_config=FailureConfig(max_failures=t.max_failures),
             logging_config=LoggingConfig(log_level=os.environ.get("SCALELAB_RAY_TRAIN_LOG_LEVEL", "WARNING")),
         )
+    tune_ray_train_startup()
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
@@ -257,13 +258,44 @@ def connect_ray(num_cpus: int | None = None) -> bool:
         return False
     from scalelab.cluster.stack import live_ray_address
 
-    address = os.environ.get("RAY_ADDRESS") or live_ray_address()
+    auth_before = os.environ.get("RAY_AUTH_MODE")
+    address = os.environ.get("RAY_ADDRESS") or live_ray_address()  # may set RAY_AUTH_MODE
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
+        if os.environ.get("RAY_AUTH_MODE") != auth_before:
+            _reload_ray_config()
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # "local": a new instance, never whatever head someone else started on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return True
+
+
+def _reload_ray_config() -> None:
+    """Ray caches RAY_AUTH_MODE when it is imported; re-read it (as Ray's own token setup does)."""
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # another Ray version: the env var alone must do
+        pass
+
+
+def tune_ray_train_startup() -> None:
+    """Two Ray Train V2 defaults that cost a lot on small runs (both overridable by setting them):
+
+    - each worker's report queue holds one result and the controller drains it every health-check
+      interval (2 s), so an epoch shorter than that waits for the poll: poll every 0.5 s instead;
+    - a preemption-watcher actor (one more Python process) starts with every run; on a one-node
+      cluster there is no node to lose without losing the run, so skip it there.
+
+    The driver's values travel to the controller and workers (Ray Train propagates them).
+    """
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if ray.is_initialized() and len(ray.nodes()) == 1:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def run_on_ray(spec: RecipeSpec, data, run_name: str, tracking: Any | None = None) -> dict[str, Any]:

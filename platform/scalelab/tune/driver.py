@@ -1,11 +1,11 @@
 """``run_search``: a Ray Tune search over a recipe's ``search.space``, resumable by name.
 
-Everything lands in ``search.output_dir/NAME``: Tune's experiment state and trial folders, the
-recipe as searched (``recipe.yaml``, so ``--resume NAME`` needs nothing else), ``trials.json``
-(trial -> MLflow run, startup overhead), ``pruned.jsonl`` (configs never launched, with the
-reason), ``results.csv`` sorted by the metric, ``best.yaml`` (a recipe ``scalelab train``
-accepts as is) and the plots. The search itself is one MLflow parent run with a nested child run
-per trial (see :mod:`scalelab.tune.tracking`).
+Everything lands in ``search.output_dir/NAME``: Tune's experiment state and trial folders
+(``tune/``), the recipe as searched (``recipe.yaml``, so ``--resume NAME`` needs nothing
+else), ``trials.json`` (trial -> MLflow run, startup overhead), ``pruned.jsonl`` (configs
+never launched, with the reason), ``results.csv`` sorted by the metric, ``best.yaml`` (a
+recipe ``scalelab train`` accepts as is) and the plots. The search itself is one MLflow parent
+run with a nested child run per trial (see :mod:`scalelab.tune.tracking`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from scalelab.tune.space import Screen, decode_config, validate_space
 
 log = logging.getLogger("scalelab.tune")
 DEFAULT_OUTPUT_DIR = SearchSpec().output_dir
+# Tune's own experiment folder inside the search folder. Tune re-uploads what it restored into its
+# experiment folder, so the driver's files (trials.json, results, best.yaml) must live outside it.
+TUNE_DIR = "tune"
 
 
 @dataclass
@@ -120,7 +123,7 @@ def run_search(
     if resume:
         name = resume
         search_dir = resolve_search_dir(output_dir, name)
-        if not Tuner.can_restore(str(search_dir)) or not (search_dir / "recipe.yaml").is_file():
+        if not Tuner.can_restore(str(search_dir / TUNE_DIR)) or not (search_dir / "recipe.yaml").is_file():
             raise ConfigError(
                 f"no search named {name!r} to resume in {output_dir} "
                 f"(searches there: {_existing(output_dir)})"
@@ -229,7 +232,7 @@ def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
         trainable = tune.with_resources(trainable, {"cpu": 0.01})
     if resume:
         return Tuner.restore(
-            str(search_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+            str(search_dir / TUNE_DIR), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
 
     epochs = max_epochs(spec)
@@ -267,7 +270,16 @@ def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
         else FIFOScheduler()
     )
     tracker = TrialTracker(
-        str(search_dir), name, list(search.space), base, search.space, search.metric, epochs, tracking, quiet
+        str(search_dir),
+        name,
+        list(search.space),
+        base,
+        search.space,
+        search.metric,
+        epochs,
+        tracking,
+        quiet,
+        search.trial_mode,
     )
     return Tuner(
         trainable,
@@ -282,8 +294,8 @@ def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
             trial_dirname_creator=trial_dirname,
         ),
         run_config=ray.tune.RunConfig(
-            name=name,
-            storage_path=str(search_dir.parent),
+            name=TUNE_DIR,
+            storage_path=str(search_dir),
             callbacks=[tracker],
             verbose=0,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -362,7 +374,7 @@ def _searcher_costs(search_dir: Path) -> dict[str, dict[str, Any]]:
     """Params / FLOPs the screen computed per launched trial, from the searcher's saved state."""
     import pickle
 
-    states = sorted(search_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    states = sorted((search_dir / TUNE_DIR).glob("searcher-state-*.pkl"))  # by the session time in the name
     for path in reversed(states):
         try:
             state = pickle.loads(path.read_bytes())

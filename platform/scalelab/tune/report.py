@@ -75,6 +75,7 @@ def plot_search(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ran = [r for r in rows if isinstance(r.get(metric), (int, float)) and r.get("params")]
     paths: list[Path] = []
@@ -98,6 +99,7 @@ def plot_search(
                     alpha=0.85,
                 )
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
     ax.set_xlabel("parameters")
     ax.set_ylabel(metric)
     ax.set_title("accuracy vs parameters (x: stopped early by ASHA)")
@@ -164,7 +166,7 @@ def print_summary(
 
     table = Table(title=f"search results (by {metric})", show_lines=False)
     for col in ("#", "trial", "status", metric, "epochs", "params", "startup s"):
-        table.add_column(col, justify="right" if col not in ("trial", "status") else "left")
+        table.add_column(col, justify="right" if col not in ("trial", "status") else "left", no_wrap=True)
     for key in space_keys:
         table.add_column(key.split(".", 1)[-1])
     colours = {"completed": "green", "stopped": "yellow", "error": "red", "pruned": "magenta"}
@@ -189,4 +191,6 @@ def print_summary(
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
-    return "-" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return "-" if value is None else str(value)

@@ -111,6 +111,7 @@ class TrialTracker(Callback):
         max_epochs: int,
         tracking: dict[str, Any] | None,
         quiet: bool = False,
+        trial_mode: str = "local",
     ) -> None:
         self.search_dir = search_dir
         self.search_name = search_name
@@ -121,6 +122,7 @@ class TrialTracker(Callback):
         self.max_epochs = max_epochs
         self.tracking = tracking  # {"uri", "experiment", "parent_run_id"} or None
         self.quiet = quiet
+        self.trial_mode = trial_mode
         self._state: TrackingState | None = None
         self._mlflow: MlflowSearch | None = None
         self._mlflow_failed = False
@@ -223,6 +225,13 @@ class TrialTracker(Callback):
             ml.logger(run_id).log_metrics(metrics, step=rec["epochs"])
 
     def _finish(self, trial, status: str, mlflow_status: str, reason: str = "") -> None:
+        if self.trial_mode == "workers":
+            from scalelab.tune.trials import release_placement_groups
+
+            try:
+                release_placement_groups(trial.local_path)
+            except Exception as exc:  # noqa: BLE001 - worst case the next trial waits for CPUs
+                log.warning("could not release trial %s's placement groups: %s", trial.trial_id, exc)
         rec = self.state.trial(trial.trial_id)
         epochs = int(rec.get("epochs") or 0)
         if status == "completed" and epochs < self.max_epochs:

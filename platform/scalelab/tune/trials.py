@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from scalelab.config.specs import ParamSpace, RecipeSpec
@@ -65,7 +66,48 @@ def worker_trial(
         name=f"train-{context.get_trial_id()}",  # stable per trial: a resumed trial resumes this run
         storage_path=os.path.abspath(spec.train.storage_path),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-        callbacks=[TuneReportCallback()],
+        callbacks=[TuneReportCallback(), _placement_group_recorder(Path(context.get_trial_dir()) / PG_FILE)],
     )
     trainer = build_torch_trainer(spec, data_version, run_config=run_config, run_name=run_config.name)
     trainer.fit()
+
+
+PG_FILE = "train_placement_groups.txt"
+
+
+def _placement_group_recorder(path: Path):
+    """A Train callback (runs in the trainer's controller) that notes each worker group's placement group.
+
+    When ASHA stops a worker-mode trial, Tune kills the driver function and with it the Train
+    controller, which never removes its worker group's placement group; Ray Train's own cleaner
+    needs the State API (a dashboard) and cannot tell this cluster from others on the machine. The
+    search driver reads this file when the trial ends and removes what is left
+    (:func:`release_placement_groups`), so the next trial gets the CPUs back.
+    """
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class RecordPlacementGroup(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group) -> None:
+            pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            with open(path, "a") as fh:
+                fh.write(pg.id.hex() + "\n")
+
+    return RecordPlacementGroup()
+
+
+def release_placement_groups(trial_dir: str | Path | None) -> int:
+    """Remove the worker-group placement groups a finished trial left behind; returns how many."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    path = Path(trial_dir or "") / PG_FILE
+    if not trial_dir or not path.is_file() or not ray.is_initialized():
+        return 0
+    removed = 0
+    for line in path.read_text().split():
+        pg = PlacementGroup(PlacementGroupID(bytes.fromhex(line)))
+        if ray.util.placement_group_table(pg).get("state") not in (None, "REMOVED"):
+            remove_placement_group(pg)
+            removed += 1
+    return removed

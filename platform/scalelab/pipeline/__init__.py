@@ -1,0 +1,1 @@
+"""`scalelab pipeline run`: the whole path of one model, with skipping and partial reruns."""

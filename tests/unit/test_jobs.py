@@ -89,7 +89,7 @@ def test_kuberay_manifests_use_ray_io_v1_fields():
 def test_rayjob_entrypoint_matches_job_spec():
     job = _manifests()["RayJob"]["spec"]
     spec = load_job_spec(REPO / "jobs/train-gpu.yaml")
-    assert job["entrypoint"] == entrypoint(spec, "python")
+    assert job["entrypoint"] == entrypoint(spec, "python", isolate=False)
     workers = job["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == spec.cluster.workers
     gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])

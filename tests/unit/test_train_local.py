@@ -14,7 +14,7 @@ from scalelab.train.api import run_training
 from scalelab.train.checkpoint import WEIGHTS, load_model_bundle
 from scalelab.train.loop import lr_factor, per_worker_batch
 
-FAST = ["model.variant=msresnet_tiny", "train.epochs=12", "train.batch_size=64", "train.threads=2"]
+FAST = ["model.variant=msresnet_tiny", "train.epochs=12", "train.batch_size=64", "train.threads=2", "tracking.enabled=false"]
 
 
 def test_short_seeded_run_reaches_95_percent(workdir: Path):
@@ -31,17 +31,17 @@ def test_short_seeded_run_reaches_95_percent(workdir: Path):
 
 
 def test_same_seed_same_result(workdir: Path):
-    a = run_training(load_recipe("pipelines/digits.yaml", FAST[:1] + ["train.epochs=2", "train.run_name=a"]))
-    b = run_training(load_recipe("pipelines/digits.yaml", FAST[:1] + ["train.epochs=2", "train.run_name=b"]))
+    a = run_training(load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=2", "train.run_name=a"]))
+    b = run_training(load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=2", "train.run_name=b"]))
     assert a.history[-1]["train_loss"] == pytest.approx(b.history[-1]["train_loss"], rel=1e-5)
 
 
 def test_resume_continues_from_checkpoint(workdir: Path):
-    spec = load_recipe("pipelines/digits.yaml", FAST[:1] + ["train.epochs=2", "train.run_name=r"])
+    spec = load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=2", "train.run_name=r"])
     first = run_training(spec)
     assert [h["epoch"] for h in first.history] == [1, 2]
     # the same run name with more epochs resumes at epoch 3, keeping the history
-    more = load_recipe("pipelines/digits.yaml", FAST[:1] + ["train.epochs=4", "train.run_name=r"])
+    more = load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=4", "train.run_name=r"])
     second = run_training(more)
     assert [h["epoch"] for h in second.history] == [1, 2, 3, 4]
     assert [h["resumed_from"] for h in second.history] == [0, 0, 2, 2]
@@ -51,7 +51,7 @@ def test_resume_continues_from_checkpoint(workdir: Path):
 
 
 def test_tampered_weights_refused(workdir: Path):
-    out = run_training(load_recipe("pipelines/digits.yaml", FAST[:1] + ["train.epochs=1", "train.run_name=t"]))
+    out = run_training(load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=1", "train.run_name=t"]))
     w = out.model_dir / WEIGHTS
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF
@@ -61,7 +61,7 @@ def test_tampered_weights_refused(workdir: Path):
 
 
 def test_mismatched_spec_explained(workdir: Path):
-    out = run_training(load_recipe("pipelines/digits.yaml", FAST[:1] + ["train.epochs=1", "train.run_name=m"]))
+    out = run_training(load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=1", "train.run_name=m"]))
     meta_path = out.model_dir / "model.json"
     meta = json.loads(meta_path.read_text())
     meta["recipe"]["model"]["widths"] = [32, 64, 256]

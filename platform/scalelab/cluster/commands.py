@@ -15,15 +15,25 @@ def register(app: typer.Typer) -> None:
         mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Start an MLflow tracking server."),
         s3: bool = typer.Option(False, "--s3", help="Start an S3-compatible server (moto) for artifacts."),
         ray: bool = typer.Option(True, "--ray/--no-ray", help="Start a Ray head node."),
-        num_cpus: int = typer.Option(None, help="CPUs the Ray head offers (default: all)."),
+        num_cpus: int = typer.Option(None, help="CPUs the Ray head offers (default: all; 1 with --workers)."),
+        workers: int = typer.Option(0, "--workers", help="Worker nodes (separate raylets) joining the head."),
+        cpus_per_worker: int = typer.Option(None, help="CPUs per worker node (default: CPUs / workers)."),
+        host: str = typer.Option(
+            "127.0.0.1", help="Bind address. Anything but loopback exposes unauthenticated services: a warning."
+        ),
     ) -> None:
         """Start the local stack on 127.0.0.1 (free ports) and record it in .scalelab/stack.json."""
         from scalelab.cluster import stack
 
-        state = stack.up(mlflow=mlflow, s3=s3, ray=ray, num_cpus=num_cpus)
+        state = stack.up(
+            mlflow=mlflow, s3=s3, ray=ray, num_cpus=num_cpus, workers=workers, cpus_per_worker=cpus_per_worker,
+            host=host,
+        )
         for key in ("mlflow_url", "ray_address", "dashboard_url", "s3_url"):
             if state.get(key):
                 console.print(f"{key:14} {state[key]}", highlight=False)
+        nodes = [s["name"] for s in state["services"] if s["name"].startswith("ray")]
+        console.print(f"ray nodes      {len(nodes)} ({', '.join(nodes)})", highlight=False)
         console.print(f"recorded in {stack.STACK_FILE}; stop with `scalelab down`", highlight=False)
 
     @app.command()
@@ -53,3 +63,30 @@ def register(app: typer.Typer) -> None:
             alive = "yes" if r["alive"] else "NO"
             table.add_row(r["name"], str(r["pid"]), alive, r["address"] or r["url"], r["log"])
         console.print(table)
+        state = stack.read_stack()
+        for key in ("mlflow_url", "dashboard_url", "s3_url"):
+            if state.get(key):
+                console.print(f"{key:14} {state[key]}", highlight=False)
+        if state.get("dashboard_url") and stack.live_ray_address():
+            _print_cluster(state["dashboard_url"])
+
+
+def _print_cluster(dashboard_url: str) -> None:
+    """Nodes with their resources, and the jobs, as the Ray dashboard reports them."""
+    from scalelab.cluster.jobs import JobClient
+
+    try:
+        client = JobClient(dashboard_url)
+        total, nodes = client.cluster_resources()
+        jobs = client.list()
+    except Exception as exc:  # noqa: BLE001 - status still shows the processes
+        console.print(f"(cluster details unavailable: {exc})")
+        return
+    table = Table("node", "CPU", "GPU", "memory GiB")
+    for i, res in enumerate(nodes):
+        table.add_row(str(i), f"{res.get('CPU', 0):g}", f"{res.get('GPU', 0):g}", f"{res.get('memory', 0) / 2**30:.1f}")
+    console.print(table)
+    running = [j for j in jobs if str(j.status) in ("RUNNING", "PENDING", "JobStatus.RUNNING", "JobStatus.PENDING")]
+    console.print(f"jobs: {len(jobs)} submitted, {len(running)} running", highlight=False)
+    for j in running:
+        console.print(f"  {j.submission_id}  {j.status}  {j.entrypoint[-80:]}", highlight=False)

@@ -89,12 +89,24 @@ def check_resources(spec: JobSpec, recipe: RecipeSpec | None, cluster: dict[str,
         raise ConfigError(f"job {spec.name!r} cannot run on this cluster: " + "; ".join(problems))
 
 
-def entrypoint(spec: JobSpec, python: str) -> str:
+def entrypoint(spec: JobSpec, python: str, isolate: bool = False) -> str:
+    """The shell command of the job. ``isolate``: run in a private copy of the uploaded working dir.
+
+    Ray extracts an uploaded working dir once per content hash and shares it between jobs (and we
+    saw it vanish under a running driver), so a job that writes data/, outputs/ or .scalelab/
+    relative to its cwd must not write there: it copies the folder first and runs in the copy.
+    """
     parts = [python, "-m", "scalelab.cli", spec.verb, *spec.args]
     if spec.recipe:
         parts.append(spec.recipe)
     parts += recipe_overrides(spec) if spec.verb in RECIPE_VERBS else spec.overrides
-    return " ".join(shlex.quote(p) for p in parts)
+    command = " ".join(shlex.quote(p) for p in parts)
+    if not isolate:
+        return command
+    return (
+        'job_dir=$(mktemp -d "${TMPDIR:-/tmp}/scalelab-job-XXXXXX") && cp -a . "$job_dir" && '
+        f'cd "$job_dir" && echo "job folder: $job_dir" && exec {command}'
+    )
 
 
 def submission_id(spec: JobSpec) -> str:
@@ -106,7 +118,14 @@ def submission_id(spec: JobSpec) -> str:
 def resolve_address(address: str | None) -> str:
     import os
 
-    addr = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or read_stack().get("dashboard_url")
+    stack = read_stack()
+    addr = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or stack.get("dashboard_url")
+    if stack.get("ray_auth_mode") and addr == stack.get("dashboard_url") and "RAY_AUTH_MODE" not in os.environ:
+        # the local head runs with token auth: say so, and make an already-imported Ray re-read it
+        os.environ["RAY_AUTH_MODE"] = stack["ray_auth_mode"]
+        from scalelab.train.ray_trainer import _reload_ray_config
+
+        _reload_ray_config()
     if not addr:
         raise ConfigError(
             "no Ray cluster to submit to: pass --address http://HEAD:8265, set RAY_DASHBOARD_ADDRESS, "
@@ -126,9 +145,9 @@ class JobClient:
     """A thin layer over ``JobSubmissionClient`` that turns connection errors into clear messages."""
 
     def __init__(self, address: str | None = None) -> None:
+        self.address = resolve_address(address)
         from ray.job_submission import JobSubmissionClient
 
-        self.address = resolve_address(address)
         try:
             self.client = JobSubmissionClient(self.address)
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot reach the cluster"
@@ -164,7 +183,7 @@ class JobClient:
             runtime_env["excludes"] = spec.runtime_env.excludes
         if spec.runtime_env.pip:
             runtime_env["pip"] = spec.runtime_env.pip
-        cmd = entrypoint(spec, py)
+        cmd = entrypoint(spec, py, isolate=bool(spec.runtime_env.working_dir))
         self.client.submit_job(
             entrypoint=cmd,
             submission_id=sid,

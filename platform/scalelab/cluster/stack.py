@@ -171,6 +171,48 @@ def start_ray_head(
     return svc, addresses
 
 
+def start_ray_worker(
+    state_dir: str | Path,
+    head_address: str,
+    index: int,
+    num_cpus: int,
+    host: str = "127.0.0.1",
+    auth_mode: str | None = None,
+    timeout: float = 90.0,
+) -> Service:
+    """One more node: ``ray start --address HEAD --block`` with its own raylet and free ports."""
+    state = Path(state_dir).resolve()
+    ports = {name: free_port(host) for name in ("agent_listen", "agent_grpc", "runtime_env", "metrics")}
+    cmd = [
+        str(BIN / "ray"), "start", "--address", head_address, "--block", "--disable-usage-stats",
+        "--node-ip-address", host, "--num-cpus", str(num_cpus),
+        "--dashboard-agent-listen-port", str(ports["agent_listen"]),
+        "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
+        "--runtime-env-agent-port", str(ports["runtime_env"]),
+        "--metrics-export-port", str(ports["metrics"]),
+        "--resources", json.dumps({f"scalelab_worker_{index}": 1}),
+    ]
+    log = state / f"ray-worker-{index}-{ports['agent_grpc']}.log"
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    if auth_mode:
+        env["RAY_AUTH_MODE"] = auth_mode
+    proc = _spawn("ray-worker", cmd, log, env)
+    svc = Service(f"ray-worker-{index}", proc.pid, head_address, str(log))
+    deadline = time.time() + timeout
+    while time.time() < deadline:  # `ray start` prints this once the raylet has joined the head
+        if not svc.alive():
+            raise ScalelabError(f"{svc.name} exited while joining {head_address}:\n{_tail(log)}")
+        if "Ray runtime started" in _tail(log, 20000):
+            return svc
+        time.sleep(0.3)
+    svc.stop()
+    raise ScalelabError(f"{svc.name} did not join {head_address} within {timeout:.0f}s (log: {log})")
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
 def up(
     mlflow: bool = True,
     s3: bool = False,
@@ -178,8 +220,25 @@ def up(
     num_cpus: int | None = None,
     state_dir: Path = STATE_DIR,
     host: str = "127.0.0.1",
+    workers: int = 0,
+    cpus_per_worker: int | None = None,
 ) -> dict[str, Any]:
-    """Start what is asked for and not already running; record it in stack.json. Returns the stack."""
+    """Start what is asked for and not already running; record it in stack.json. Returns the stack.
+
+    ``workers`` > 0 adds that many worker nodes (separate raylets joining the head), each offering
+    ``cpus_per_worker`` CPUs (default: the machine's CPUs split between them); the head then
+    offers 1 CPU (for job entrypoints and drivers) unless ``num_cpus`` says otherwise.
+    """
+    if host not in ("127.0.0.1", "localhost"):
+        import warnings
+
+        warnings.warn(
+            f"binding the stack to {host}: Ray's dashboard/Jobs API runs arbitrary code and MLflow and "
+            f"S3 have no auth here; put authentication in front (see platform/kuberay/README.md)",
+            stacklevel=2,
+        )
+    if workers and num_cpus is None:
+        num_cpus = 1
     stack = read_stack()
     running = {s.name: s for s in services_of(stack) if pid_alive(s.pid)}
     stack["services"] = [s.to_dict() for s in running.values()]
@@ -210,6 +269,12 @@ def up(
             started.append(svc)
             stack.update(addresses)
             stack["python"] = sys.executable
+        have = sum(1 for name in running if name.startswith("ray-worker-"))
+        per_worker = cpus_per_worker or max(1, (os.cpu_count() or 2) // max(1, workers))
+        for index in range(have, workers):
+            started.append(
+                start_ray_worker(state, stack["ray_address"], index, per_worker, host, stack.get("ray_auth_mode"))
+            )
     except BaseException:
         for svc in started:
             svc.stop()
@@ -248,8 +313,9 @@ def down(names: list[str] | None = None) -> list[Service]:
     """Stop the stack's processes (all, or those named) by pid; drop them from stack.json."""
     stack = read_stack()
     stopped, kept = [], []
-    for svc in services_of(stack):
-        if names and svc.name not in names:
+    # worker nodes first, so they do not spend their last seconds reconnecting to a stopped head
+    for svc in sorted(services_of(stack), key=lambda s: not s.name.startswith("ray-worker-")):
+        if names and svc.name not in names and not (svc.name.startswith("ray-worker-") and "ray" in names):
             kept.append(svc)
             continue
         if pid_alive(svc.pid):

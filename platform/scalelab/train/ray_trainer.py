@@ -233,6 +233,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             resume_from = checkpoint.to_directory(tmp)  # a local copy, also when storage is S3
         timing["data_loaded"] = time.time()
         result = fit(spec, data, report=report, resume_from=resume_from, device=device)
+    node_ids = _gather_node_ids()
     if epoch_logger is not None:
         epoch_logger.close()
     if rank != 0:
@@ -246,7 +247,21 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         bundle = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return {"metrics": fit_metrics(result), "history": result.history, "bundle": bundle, "timing": timing}
+    metrics = {**fit_metrics(result), "worker_node_ids": node_ids}
+    return {"metrics": metrics, "history": result.history, "bundle": bundle, "timing": timing}
+
+
+def _gather_node_ids() -> list[str]:
+    """The Ray node id of every rank (rank order): where the workers actually ran."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
 
 
 def connect_ray(num_cpus: int | None = None) -> bool:

@@ -1,0 +1,144 @@
+"""A real local multi-node Ray cluster (`scalelab up --workers 2`), job submission through the Jobs
+API, a worker node killed mid-job, jobs logs/stop, bad job specs refused at submit, and `down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCALELAB = [sys.executable, "-m", "scalelab.cli"]
+pytestmark = pytest.mark.integration
+
+FAST = ["model.variant=msresnet_tiny", "tracking.enabled=false", "train.batch_size=64"]
+
+
+def sh(args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*SCALELAB, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scalelab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`scalelab up --workers 2` in a fresh project folder; `scalelab down` afterwards."""
+    root = tmp_path_factory.mktemp("cluster")
+    for name in ("pipelines", "jobs"):
+        shutil.copytree(REPO / name, root / name)
+    env_backup = os.environ.pop("RAY_ADDRESS", None)
+    sh(["up", "--workers", "2", "--no-mlflow"], root, timeout=300)
+    stack = json.loads((root / ".scalelab/stack.json").read_text())
+    yield root, stack
+    sh(["down"], root, check=False)
+    if env_backup is not None:
+        os.environ["RAY_ADDRESS"] = env_backup
+
+
+def pids_of(stack: dict) -> list[int]:
+    return [s["pid"] for s in stack["services"]]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == 0
+    except ChildProcessError:
+        return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def submission_id(out: str) -> str:
+    return re.search(r"submitted (\S+)", out).group(1)
+
+
+def wait_status(root: Path, sid: str, want: set[str], timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = sh(["jobs", "list"], root).stdout
+        m = re.search(rf"{re.escape(sid)}\W+(\w+)", out)
+        if m and m.group(1) in want:
+            return m.group(1)
+        time.sleep(2)
+    raise AssertionError(f"job {sid} not in {want} after {timeout}s:\n{out}")
+
+
+def test_spread_job_runs_on_two_nodes(cluster):
+    root, stack = cluster
+    assert len([s for s in stack["services"] if s["name"].startswith("ray")]) == 3  # head + 2 workers
+    status = sh(["status"], root).stdout
+    assert "ray-worker-1" in status and "dashboard_url" in status
+    out = sh(["submit", "jobs/train.yaml", *FAST, "train.epochs=2", "--wait"], root).stdout
+    assert "SUCCEEDED" in out
+    nodes = re.search(r"workers ran on (\d+) node\(s\): (.+)", out)
+    assert nodes and int(nodes.group(1)) == 2, out[-3000:]
+
+
+def test_killed_worker_node_resumes_from_checkpoint(cluster):
+    root, stack = cluster
+    sid = submission_id(sh(["submit", "jobs/train.yaml", *FAST, "train.epochs=8", "train.lr=0.05"], root).stdout)
+    logs = ""
+    deadline = time.time() + 300
+    while "epoch   2" not in logs and time.time() < deadline:  # two checkpoints are in
+        time.sleep(2)
+        logs = sh(["jobs", "logs", sid], root).stdout
+    assert "epoch   2" in logs, logs[-2000:]
+    worker = next(s for s in stack["services"] if s["name"] == "ray-worker-1")
+    os.killpg(worker["pid"], signal.SIGKILL)  # the node dies with its raylet and workers
+    time.sleep(5)
+    sh(["up", "--workers", "2", "--no-mlflow"], root, timeout=300)  # bring a node back
+    assert wait_status(root, sid, {"SUCCEEDED", "FAILED"}, timeout=420) == "SUCCEEDED"
+    logs = sh(["jobs", "logs", sid], root).stdout
+    job_dir = Path(re.search(r"job folder: (/\S+)", logs).group(1))
+    metrics = json.loads(next(job_dir.glob("outputs/*/metrics.json")).read_text())
+    history = metrics["history"]
+    assert [h["epoch"] for h in history][-1] == 8
+    assert max(h["resumed_from"] for h in history) >= 1  # restarted from a checkpoint, not from 0
+    shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def test_jobs_logs_and_stop(cluster):
+    root, _ = cluster
+    sid = submission_id(sh(["submit", "jobs/train.yaml", *FAST, "train.epochs=200"], root).stdout)
+    wait_status(root, sid, {"RUNNING"}, timeout=120)
+    sh(["jobs", "stop", sid], root)
+    assert wait_status(root, sid, {"STOPPED", "FAILED"}, timeout=120) == "STOPPED"
+    assert "Running entrypoint" in sh(["jobs", "logs", sid], root).stdout
+
+
+def test_bad_job_specs_fail_at_submit(cluster, tmp_path):
+    root, _ = cluster
+    bad = root / "jobs" / "bad-verb.yaml"
+    bad.write_text("name: bad\nverb: trian\nrecipe: pipelines/digits.yaml\n")
+    proc = sh(["submit", str(bad)], root, check=False)
+    assert proc.returncode == 2 and "verb" in proc.stderr and "Traceback" not in proc.stderr
+    bad.write_text("name: bad\nverb: train\nrecipe: pipelines/missing.yaml\n")
+    proc = sh(["submit", str(bad)], root, check=False)
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr
+    proc = sh(["submit", "jobs/train.yaml", "train.workers=16"], root, check=False)
+    assert proc.returncode == 2 and "cannot run on this cluster" in proc.stderr and "CPUs" in proc.stderr
+    bad.unlink()
+    assert "bad" not in sh(["jobs", "list"], root).stdout
+
+
+def test_down_leaves_nothing_running(tmp_path):
+    sh(["up", "--workers", "1", "--no-mlflow", "--s3"], tmp_path, timeout=300)
+    stack = json.loads((tmp_path / ".scalelab/stack.json").read_text())
+    pids = pids_of(stack)
+    assert len(pids) == 3 and all(alive(p) for p in pids)
+    out = sh(["down"], tmp_path).stdout
+    assert out.count("stopped") == 3
+    time.sleep(1)
+    assert not any(alive(p) for p in pids)
+    assert not (tmp_path / ".scalelab/stack.json").exists()

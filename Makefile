@@ -6,7 +6,7 @@ SCALELAB := $(VENV)/bin/scalelab
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test test-unit test-integration lint format bench repro clean
+.PHONY: setup system-deps demo down test test-unit test-integration lint format bench repro clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -29,8 +29,13 @@ system-deps:
 	   || echo "warning: apt could not install dataset-fashion-mnist/chromium; benchmarks and browser tests need them"; \
 	else echo "note: install Debian packages dataset-fashion-mnist and chromium for benchmarks and browser tests"; fi
 
+# The whole pipeline on the embedded default: DVC data, Tune search, training, registry, promotion,
+# Ray Serve (left running on a local Ray head: `make down` or `scalelab down` stops it), report.
 demo: setup
-	$(SCALELAB) train pipelines/digits.yaml
+	$(SCALELAB) pipeline run pipelines/digits.yaml
+
+down: setup
+	$(SCALELAB) down
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -18,7 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write_results  # noqa: E402
-
 from scalelab.config import validate_recipe  # noqa: E402
 from scalelab.data import load_dataset  # noqa: E402
 from scalelab.models import count_flops, create_model  # noqa: E402
@@ -40,11 +39,13 @@ def conv_peak_gflops(bf16: bool) -> float:
 
 
 def run(variant: str, seed: int, epochs: int, precision: str, data_dir: str) -> dict:
-    spec = validate_recipe({
-        "data": {"name": "digits", "kind": "digits", "data_dir": data_dir},
-        "model": {"variant": variant},
-        "train": {"epochs": epochs, "seed": seed, "precision": precision, "batch_size": 128, "lr": 0.1},
-    })
+    spec = validate_recipe(
+        {
+            "data": {"name": "digits", "kind": "digits", "data_dir": data_dir},
+            "model": {"variant": variant},
+            "train": {"epochs": epochs, "seed": seed, "precision": precision, "batch_size": 128, "lr": 0.1},
+        }
+    )
     data = load_dataset(spec.data)
     t = time.perf_counter()
     result = fit(spec, data)
@@ -85,7 +86,9 @@ def main() -> None:
         "test_acc_multiscale_fp32": round(mean("multi_fp32", "acc"), 4),
         "train_seconds_fp32": round(median([r["seconds"] for r in rows["multi_fp32"]]), 2),
         "bf16_vs_fp32_speedup": round(
-            median([r["seconds"] for r in rows["multi_fp32"]]) / median([r["seconds"] for r in rows["multi"]]), 2
+            median([r["seconds"] for r in rows["multi_fp32"]])
+            / median([r["seconds"] for r in rows["multi"]]),
+            2,
         ),
         "per_seed_test_acc_multiscale": [round(r["acc"], 4) for r in rows["multi"]],
         "per_seed_test_acc_baseline": [round(r["acc"], 4) for r in rows["base"]],

@@ -6,7 +6,8 @@ GPU (the device machine has no Ray). The official 10k test set is evaluated afte
 training images. Several epoch budgets run in one call, since a one-cycle schedule reaches its
 best accuracy only at its end.
 
-    python benchmarks/gpu_fashion.py --data /usr/share/datasets/fashion-mnist --configs 30:512:0.2 40:1024:0.4 --out gpu.json
+    python benchmarks/gpu_fashion.py --data /usr/share/datasets/fashion-mnist \
+        --configs 30:512:0.2 40:1024:0.4 --out gpu.json
 """
 
 from __future__ import annotations
@@ -24,14 +25,30 @@ from scalelab.train.loop import fit
 
 
 def run(data_path: str, epochs: int, batch: int, lr: float, variant: str, data=None) -> dict:
-    spec = validate_recipe({
-        "name": "fashion-gpu",
-        "data": {"name": "fashion-mnist", "kind": "fashion-mnist", "source": data_path, "val_fraction": 0.0,
-                 "augment": {"crop_padding": 2, "hflip": True, "random_erasing": 0.1}},
-        "model": {"variant": variant},
-        "train": {"epochs": epochs, "batch_size": batch, "lr": lr, "optimizer": "sgd", "schedule": "onecycle",
-                  "label_smoothing": 0.1, "weight_decay": 5e-4, "use_gpu": True, "precision": "bf16"},
-    })
+    spec = validate_recipe(
+        {
+            "name": "fashion-gpu",
+            "data": {
+                "name": "fashion-mnist",
+                "kind": "fashion-mnist",
+                "source": data_path,
+                "val_fraction": 0.0,
+                "augment": {"crop_padding": 2, "hflip": True, "random_erasing": 0.1},
+            },
+            "model": {"variant": variant},
+            "train": {
+                "epochs": epochs,
+                "batch_size": batch,
+                "lr": lr,
+                "optimizer": "sgd",
+                "schedule": "onecycle",
+                "label_smoothing": 0.1,
+                "weight_decay": 5e-4,
+                "use_gpu": True,
+                "precision": "bf16",
+            },
+        }
+    )
     if data is None:
         data = read_raw(spec.data)
         data.splits["val"] = data.splits["test"]  # per-epoch test accuracy, for the time-to-95% figure
@@ -41,17 +58,26 @@ def run(data_path: str, epochs: int, batch: int, lr: float, variant: str, data=N
 
     def report(metrics, _ckpt):
         curve.append((time.perf_counter() - start, metrics["val_acc"]))
-        print(f"  epoch {metrics['epoch']:>2} test_acc {metrics['val_acc']:.4f} "
-              f"{metrics['images_per_s']:,.0f} img/s t={curve[-1][0]:.1f}s", flush=True)
+        print(
+            f"  epoch {metrics['epoch']:>2} test_acc {metrics['val_acc']:.4f} "
+            f"{metrics['images_per_s']:,.0f} img/s t={curve[-1][0]:.1f}s",
+            flush=True,
+        )
 
     result = fit(spec, data, report=report)
     total = time.perf_counter() - start
     to95 = next((t for t, acc in curve if acc >= 0.95), None)
     return {
-        "epochs": epochs, "batch_size": batch, "lr": lr, "variant": variant, "params": result.params,
-        "test_acc": result.test.accuracy, "seconds_total": round(total, 2),
+        "epochs": epochs,
+        "batch_size": batch,
+        "lr": lr,
+        "variant": variant,
+        "params": result.params,
+        "test_acc": result.test.accuracy,
+        "seconds_total": round(total, 2),
         "seconds_to_95": round(to95, 2) if to95 is not None else None,
-        "best_test_acc": max(a for _, a in curve), "precision": result.runtime.precision,
+        "best_test_acc": max(a for _, a in curve),
+        "precision": result.runtime.precision,
     }, data
 
 

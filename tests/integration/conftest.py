@@ -58,8 +58,9 @@ def ray_session():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # address="local": always a fresh instance, never a `ray start` cluster left on this machine
-    ctx = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                   configure_logging=False)
+    ctx = ray.init(
+        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     yield ctx
     ray.shutdown()
 
@@ -87,8 +88,12 @@ def sh(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site-cache"))
-    for var, value in (("GIT_AUTHOR_NAME", "test"), ("GIT_AUTHOR_EMAIL", "test@example.com"),
-                       ("GIT_COMMITTER_NAME", "test"), ("GIT_COMMITTER_EMAIL", "test@example.com")):
+    for var, value in (
+        ("GIT_AUTHOR_NAME", "test"),
+        ("GIT_AUTHOR_EMAIL", "test@example.com"),
+        ("GIT_COMMITTER_NAME", "test"),
+        ("GIT_COMMITTER_EMAIL", "test@example.com"),
+    ):
         monkeypatch.setenv(var, value)
 
     def run(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -130,10 +135,16 @@ def digits_bundles(tmp_path_factory) -> dict:
     try:
         out = {}
         for label, epochs in (("good", 12), ("bad", 1), ("better", 25)):
-            spec = load_recipe("pipelines/digits.yaml", [
-                "model.variant=msresnet_tiny", f"train.epochs={epochs}", "train.threads=1",
-                "tracking.enabled=false", f"train.run_name={label}",
-            ])
+            spec = load_recipe(
+                "pipelines/digits.yaml",
+                [
+                    "model.variant=msresnet_tiny",
+                    f"train.epochs={epochs}",
+                    "train.threads=1",
+                    "tracking.enabled=false",
+                    f"train.run_name={label}",
+                ],
+            )
             outcome = run_training(spec)
             out[label] = {"dir": outcome.model_dir.resolve(), "test_acc": outcome.metrics["test_acc"]}
         return out

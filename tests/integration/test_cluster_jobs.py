@@ -25,7 +25,9 @@ FAST = ["model.variant=msresnet_tiny", "tracking.enabled=false", "train.batch_si
 def sh(args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([*SCALELAB, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"scalelab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"scalelab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -87,7 +89,13 @@ def test_spread_job_runs_on_two_nodes(cluster):
 
 def test_killed_worker_node_resumes_from_checkpoint(cluster):
     root, stack = cluster
-    sid = submission_id(sh(["submit", "jobs/train.yaml", *FAST, "train.epochs=8", "train.lr=0.05"], root).stdout)
+    # long enough (small batches, many epochs) that the node dies mid-run even on an idle machine
+    sid = submission_id(
+        sh(
+            ["submit", "jobs/train.yaml", *FAST, "train.epochs=40", "train.batch_size=16", "train.lr=0.02"],
+            root,
+        ).stdout
+    )
     logs = ""
     deadline = time.time() + 300
     while "epoch   2" not in logs and time.time() < deadline:  # two checkpoints are in
@@ -103,7 +111,7 @@ def test_killed_worker_node_resumes_from_checkpoint(cluster):
     job_dir = Path(re.search(r"job folder: (/\S+)", logs).group(1))
     metrics = json.loads(next(job_dir.glob("outputs/*/metrics.json")).read_text())
     history = metrics["history"]
-    assert [h["epoch"] for h in history][-1] == 8
+    assert [h["epoch"] for h in history][-1] == 40
     assert max(h["resumed_from"] for h in history) >= 1  # restarted from a checkpoint, not from 0
     shutil.rmtree(job_dir, ignore_errors=True)
 

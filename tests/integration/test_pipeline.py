@@ -48,7 +48,15 @@ def test_pipeline_end_to_end_skip_rerun_and_failure(workdir, tracking_uri, ray_s
     logs: list[str] = []
     out = run_pipeline("pipelines/digits.yaml", over, None, None, log=logs.append)
     assert [line.split()[1] for line in logs if "running" in line] == [
-        "data", "tune", "train", "register", "promote", "serve", "smoke", "report"]
+        "data",
+        "tune",
+        "train",
+        "register",
+        "promote",
+        "serve",
+        "smoke",
+        "report",
+    ]
     smoke = out["smoke"]
     assert smoke["errors"] == 0 and smoke["images"] > 50
     assert abs(smoke["served_test_acc"] - smoke["offline_test_acc"]) <= 0.03
@@ -64,10 +72,23 @@ def test_pipeline_end_to_end_skip_rerun_and_failure(workdir, tracking_uri, ray_s
     chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
     if chromium:
         shot = workdir / "report.png"
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--no-first-run", f"--user-data-dir={workdir / 'chrome'}", f"--screenshot={shot}",
-                        "--window-size=1200,2400", html.resolve().as_uri()], check=True, timeout=120,
-                       capture_output=True)
+        subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--no-first-run",
+                f"--user-data-dir={workdir / 'chrome'}",
+                f"--screenshot={shot}",
+                "--window-size=1200,2400",
+                html.resolve().as_uri(),
+            ],
+            check=True,
+            timeout=120,
+            capture_output=True,
+        )
         assert shot.is_file() and shot.stat().st_size > 20_000
 
     # second run: every step is up to date
@@ -90,8 +111,13 @@ def test_pipeline_end_to_end_skip_rerun_and_failure(workdir, tracking_uri, ray_s
     champion = client.get_model_version_by_alias(name, "champion").version
     data_before = json.loads((Path(out["data"]["path"]) / "metadata.json").read_text())["checksums"]
     with pytest.raises(StepFailed) as exc:
-        run_pipeline("pipelines/digits.yaml", [*over, "serve.route_prefix=no-leading-slash"], None, None,
-                     log=lambda m: None)
+        run_pipeline(
+            "pipelines/digits.yaml",
+            [*over, "serve.route_prefix=no-leading-slash"],
+            None,
+            None,
+            log=lambda m: None,
+        )
     assert "'serve' failed" in str(exc.value) and "--from serve" in str(exc.value)
     assert {v.version for v in client.search_model_versions(f"name='{name}'")} == versions
     assert client.get_model_version_by_alias(name, "champion").version == champion

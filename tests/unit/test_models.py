@@ -23,7 +23,7 @@ def test_forward_backward_shapes(name, size, chans):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     feats = model.forward_features(x)
     assert [f.shape[1] for f in feats] == [i["num_chs"] for i in model.feature_info]
-    for f, info in zip(feats, model.feature_info):  # each stride-2 step rounds up
+    for f, info in zip(feats, model.feature_info, strict=True):  # each stride-2 step rounds up
         assert f.shape[-1] == max(1, -(-size // info["reduction"])) or size < info["reduction"] * 2
 
 
@@ -42,7 +42,9 @@ def test_multiscale_splits_are_chained():
     assert len(block.convs) == 3 and block.width == 4
 
 
-@pytest.mark.parametrize("multi,plain", [("msresnet_tiny", "resnet_tiny"), ("msresnet_s", "resnet_s"), ("msresnet_m", "resnet_m")])
+@pytest.mark.parametrize(
+    "multi,plain", [("msresnet_tiny", "resnet_tiny"), ("msresnet_s", "resnet_s"), ("msresnet_m", "resnet_m")]
+)
 def test_baselines_match_parameters(multi, plain):
     assert variant_config(plain)["scales"] == 1
     a, b = count_params(create_model(multi)), count_params(create_model(plain))

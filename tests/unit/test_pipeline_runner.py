@@ -50,7 +50,9 @@ def test_from_forces_and_to_stops(tmp_path: Path):
 
 def test_from_needs_earlier_outputs(tmp_path: Path):
     with pytest.raises(StepFailed, match="never run"):
-        run_steps(make_steps([], {}), PipelineState(tmp_path / "s.json"), "cmd", start="c", log=lambda m: None)
+        run_steps(
+            make_steps([], {}), PipelineState(tmp_path / "s.json"), "cmd", start="c", log=lambda m: None
+        )
 
 
 def test_failure_names_step_and_keeps_earlier_state(tmp_path: Path):

@@ -14,7 +14,13 @@ from scalelab.train.api import run_training
 from scalelab.train.checkpoint import WEIGHTS, load_model_bundle
 from scalelab.train.loop import lr_factor, per_worker_batch
 
-FAST = ["model.variant=msresnet_tiny", "train.epochs=12", "train.batch_size=64", "train.threads=2", "tracking.enabled=false"]
+FAST = [
+    "model.variant=msresnet_tiny",
+    "train.epochs=12",
+    "train.batch_size=64",
+    "train.threads=2",
+    "tracking.enabled=false",
+]
 
 
 def test_short_seeded_run_reaches_95_percent(workdir: Path):
@@ -31,8 +37,12 @@ def test_short_seeded_run_reaches_95_percent(workdir: Path):
 
 
 def test_same_seed_same_result(workdir: Path):
-    a = run_training(load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=2", "train.run_name=a"]))
-    b = run_training(load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=2", "train.run_name=b"]))
+    a = run_training(
+        load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=2", "train.run_name=a"])
+    )
+    b = run_training(
+        load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=2", "train.run_name=b"])
+    )
     assert a.history[-1]["train_loss"] == pytest.approx(b.history[-1]["train_loss"], rel=1e-5)
 
 
@@ -51,7 +61,9 @@ def test_resume_continues_from_checkpoint(workdir: Path):
 
 
 def test_tampered_weights_refused(workdir: Path):
-    out = run_training(load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=1", "train.run_name=t"]))
+    out = run_training(
+        load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=1", "train.run_name=t"])
+    )
     w = out.model_dir / WEIGHTS
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF
@@ -61,7 +73,9 @@ def test_tampered_weights_refused(workdir: Path):
 
 
 def test_mismatched_spec_explained(workdir: Path):
-    out = run_training(load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=1", "train.run_name=m"]))
+    out = run_training(
+        load_recipe("pipelines/digits.yaml", [FAST[0], FAST[-1], "train.epochs=1", "train.run_name=m"])
+    )
     meta_path = out.model_dir / "model.json"
     meta = json.loads(meta_path.read_text())
     meta["recipe"]["model"]["widths"] = [32, 64, 256]
@@ -81,7 +95,9 @@ def test_schedules_are_bounded():
     for sched in ("cosine", "onecycle", "constant"):
         vals = [lr_factor(sched, s, 100, 10) for s in range(100)]
         assert max(vals) <= 1.0 + 1e-9 and min(vals) >= 0
-    assert lr_factor("onecycle", 0, 100, 0) < 0.1 and lr_factor("onecycle", 30, 100, 0) == pytest.approx(1.0, abs=0.01)
+    assert lr_factor("onecycle", 0, 100, 0) < 0.1 and lr_factor("onecycle", 30, 100, 0) == pytest.approx(
+        1.0, abs=0.01
+    )
 
 
 def test_bf16_autocast_selected_only_when_supported():

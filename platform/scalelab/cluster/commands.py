@@ -19,14 +19,20 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(0, "--workers", help="Worker nodes (separate raylets) joining the head."),
         cpus_per_worker: int = typer.Option(None, help="CPUs per worker node (default: CPUs / workers)."),
         host: str = typer.Option(
-            "127.0.0.1", help="Bind address. Anything but loopback exposes unauthenticated services: a warning."
+            "127.0.0.1",
+            help="Bind address. Anything but loopback exposes unauthenticated services: a warning.",
         ),
     ) -> None:
         """Start the local stack on 127.0.0.1 (free ports) and record it in .scalelab/stack.json."""
         from scalelab.cluster import stack
 
         state = stack.up(
-            mlflow=mlflow, s3=s3, ray=ray, num_cpus=num_cpus, workers=workers, cpus_per_worker=cpus_per_worker,
+            mlflow=mlflow,
+            s3=s3,
+            ray=ray,
+            num_cpus=num_cpus,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
             host=host,
         )
         for key in ("mlflow_url", "ray_address", "dashboard_url", "s3_url"):
@@ -84,9 +90,13 @@ def _print_cluster(dashboard_url: str) -> None:
         return
     table = Table("node", "CPU", "GPU", "memory GiB")
     for i, res in enumerate(nodes):
-        table.add_row(str(i), f"{res.get('CPU', 0):g}", f"{res.get('GPU', 0):g}", f"{res.get('memory', 0) / 2**30:.1f}")
+        table.add_row(
+            str(i), f"{res.get('CPU', 0):g}", f"{res.get('GPU', 0):g}", f"{res.get('memory', 0) / 2**30:.1f}"
+        )
     console.print(table)
-    running = [j for j in jobs if str(j.status) in ("RUNNING", "PENDING", "JobStatus.RUNNING", "JobStatus.PENDING")]
+    running = [
+        j for j in jobs if str(j.status) in ("RUNNING", "PENDING", "JobStatus.RUNNING", "JobStatus.PENDING")
+    ]
     console.print(f"jobs: {len(jobs)} submitted, {len(running)} running", highlight=False)
     for j in running:
         console.print(f"  {j.submission_id}  {j.status}  {j.entrypoint[-80:]}", highlight=False)

@@ -41,7 +41,9 @@ def register(app: typer.Typer) -> None:
         spec = load_job_spec(job, overrides or [])
         client = JobClient(address)
         sub = client.submit(spec, python=python)
-        console.print(f"submitted [bold]{sub.submission_id}[/] to {sub.address}\n  {sub.entrypoint}", highlight=False)
+        console.print(
+            f"submitted [bold]{sub.submission_id}[/] to {sub.address}\n  {sub.entrypoint}", highlight=False
+        )
         if wait:
             status = client.follow(sub.submission_id, sys.stdout)
             console.print(f"job {sub.submission_id}: {status}")
@@ -91,5 +93,7 @@ def register(app: typer.Typer) -> None:
 
         client = JobClient(address)
         stopped = client.stop(submission_id)
-        console.print(f"{submission_id}: {'stop requested' if stopped else 'was not running'} "
-                      f"(status {client.status(submission_id)})")
+        console.print(
+            f"{submission_id}: {'stop requested' if stopped else 'was not running'} "
+            f"(status {client.status(submission_id)})"
+        )

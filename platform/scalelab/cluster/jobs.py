@@ -61,30 +61,40 @@ def validate_job(spec: JobSpec, base_dir: str | Path = ".") -> RecipeSpec | None
         return None
     path = Path(base_dir) / spec.recipe
     if not path.is_file():
-        raise ConfigError(f"job {spec.name!r}: recipe {spec.recipe!r} not found under {Path(base_dir).resolve()}")
+        raise ConfigError(
+            f"job {spec.name!r}: recipe {spec.recipe!r} not found under {Path(base_dir).resolve()}"
+        )
     return load_recipe(path, recipe_overrides(spec))
 
 
-def check_resources(spec: JobSpec, recipe: RecipeSpec | None, cluster: dict[str, float], nodes: list[dict]) -> None:
+def check_resources(
+    spec: JobSpec, recipe: RecipeSpec | None, cluster: dict[str, float], nodes: list[dict]
+) -> None:
     """Refuse jobs the cluster can never run (instead of letting them hang pending forever)."""
     problems = []
     max_node_cpus = max((n.get("CPU", 0) for n in nodes), default=cluster.get("CPU", 0))
     if spec.resources.num_cpus > max_node_cpus:
-        problems.append(f"entrypoint needs {spec.resources.num_cpus} CPUs; the largest node has {max_node_cpus}")
+        problems.append(
+            f"entrypoint needs {spec.resources.num_cpus} CPUs; the largest node has {max_node_cpus}"
+        )
     if spec.resources.num_gpus > cluster.get("GPU", 0):
-        problems.append(f"entrypoint needs {spec.resources.num_gpus} GPUs; the cluster has {cluster.get('GPU', 0)}")
+        problems.append(
+            f"entrypoint needs {spec.resources.num_gpus} GPUs; the cluster has {cluster.get('GPU', 0)}"
+        )
     if recipe is not None and recipe.train.workers > 0 and spec.verb in ("train", "pipeline"):
         t = recipe.train
         need_cpu = t.workers * t.cpus_per_worker + spec.resources.num_cpus
         if need_cpu > cluster.get("CPU", 0):
             problems.append(
-                f"{t.workers} workers x {t.cpus_per_worker} CPUs + {spec.resources.num_cpus} for the entrypoint "
-                f"= {need_cpu} CPUs; the cluster has {cluster.get('CPU', 0)}"
+                f"{t.workers} workers x {t.cpus_per_worker} CPUs + {spec.resources.num_cpus} for the "
+                f"entrypoint = {need_cpu} CPUs; the cluster has {cluster.get('CPU', 0)}"
             )
         if t.use_gpu and t.workers > cluster.get("GPU", 0):
             problems.append(f"{t.workers} GPU workers; the cluster has {cluster.get('GPU', 0)} GPUs")
         if t.placement_strategy == "STRICT_SPREAD" and t.workers > len(nodes):
-            problems.append(f"STRICT_SPREAD of {t.workers} workers needs {t.workers} nodes; the cluster has {len(nodes)}")
+            problems.append(
+                f"STRICT_SPREAD of {t.workers} workers needs {t.workers} nodes; the cluster has {len(nodes)}"
+            )
     if problems:
         raise ConfigError(f"job {spec.name!r} cannot run on this cluster: " + "; ".join(problems))
 
@@ -110,9 +120,12 @@ def entrypoint(spec: JobSpec, python: str, isolate: bool = False) -> str:
 
 
 def submission_id(spec: JobSpec) -> str:
-    return spec.submission_id.format(
-        name=spec.name, timestamp=time.strftime("%Y%m%d-%H%M%S"), user=getpass.getuser()
-    ) + f"-{int(time.time() * 1000) % 1000:03d}"
+    return (
+        spec.submission_id.format(
+            name=spec.name, timestamp=time.strftime("%Y%m%d-%H%M%S"), user=getpass.getuser()
+        )
+        + f"-{int(time.time() * 1000) % 1000:03d}"
+    )
 
 
 def resolve_address(address: str | None) -> str:
@@ -120,7 +133,11 @@ def resolve_address(address: str | None) -> str:
 
     stack = read_stack()
     addr = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or stack.get("dashboard_url")
-    if stack.get("ray_auth_mode") and addr == stack.get("dashboard_url") and "RAY_AUTH_MODE" not in os.environ:
+    if (
+        stack.get("ray_auth_mode")
+        and addr == stack.get("dashboard_url")
+        and "RAY_AUTH_MODE" not in os.environ
+    ):
         # the local head runs with token auth: say so, and make an already-imported Ray re-read it
         os.environ["RAY_AUTH_MODE"] = stack["ray_auth_mode"]
         from scalelab.train.ray_trainer import _reload_ray_config

@@ -81,7 +81,11 @@ def _spawn(name: str, cmd: list[str], log_path: Path, env: dict | None = None) -
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
 
 
@@ -102,8 +106,18 @@ def start_mlflow_server(
     artifacts = artifacts_destination or str(state / "mlartifacts")
     log = state / f"mlflow-{port}.log"
     cmd = [
-        str(BIN / "mlflow"), "server", "--host", host, "--port", str(port),
-        "--backend-store-uri", backend, "--artifacts-destination", artifacts, "--workers", "1",
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        artifacts,
+        "--workers",
+        "1",
     ]
     proc = _spawn("mlflow", cmd, log, extra_env)
     url = f"http://{host}:{port}"
@@ -115,8 +129,9 @@ def start_mlflow_server(
     return Service("mlflow", proc.pid, url, str(log))
 
 
-def start_s3_server(state_dir: str | Path, host: str = "127.0.0.1", port: int | None = None,
-                    timeout: float = 60.0) -> Service:
+def start_s3_server(
+    state_dir: str | Path, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0
+) -> Service:
     """moto's S3-compatible server on loopback (real HTTP, not an in-process mock)."""
     state = Path(state_dir).resolve()
     port = port or free_port(host)

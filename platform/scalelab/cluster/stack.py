@@ -184,13 +184,26 @@ def start_ray_worker(
     state = Path(state_dir).resolve()
     ports = {name: free_port(host) for name in ("agent_listen", "agent_grpc", "runtime_env", "metrics")}
     cmd = [
-        str(BIN / "ray"), "start", "--address", head_address, "--block", "--disable-usage-stats",
-        "--node-ip-address", host, "--num-cpus", str(num_cpus),
-        "--dashboard-agent-listen-port", str(ports["agent_listen"]),
-        "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
-        "--runtime-env-agent-port", str(ports["runtime_env"]),
-        "--metrics-export-port", str(ports["metrics"]),
-        "--resources", json.dumps({f"scalelab_worker_{index}": 1}),
+        str(BIN / "ray"),
+        "start",
+        "--address",
+        head_address,
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        host,
+        "--num-cpus",
+        str(num_cpus),
+        "--dashboard-agent-listen-port",
+        str(ports["agent_listen"]),
+        "--dashboard-agent-grpc-port",
+        str(ports["agent_grpc"]),
+        "--runtime-env-agent-port",
+        str(ports["runtime_env"]),
+        "--metrics-export-port",
+        str(ports["metrics"]),
+        "--resources",
+        json.dumps({f"scalelab_worker_{index}": 1}),
     ]
     log = state / f"ray-worker-{index}-{ports['agent_grpc']}.log"
     env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
@@ -273,7 +286,9 @@ def up(
         per_worker = cpus_per_worker or max(1, (os.cpu_count() or 2) // max(1, workers))
         for index in range(have, workers):
             started.append(
-                start_ray_worker(state, stack["ray_address"], index, per_worker, host, stack.get("ray_auth_mode"))
+                start_ray_worker(
+                    state, stack["ray_address"], index, per_worker, host, stack.get("ray_auth_mode")
+                )
             )
     except BaseException:
         for svc in started:

@@ -52,9 +52,7 @@ class ModelSpec(_Spec):
     )
     se: bool = Field(False, description="Squeeze-and-excitation channel attention in each block.")
     se_ratio: float = Field(0.25, gt=0, le=1, description="SE bottleneck ratio.")
-    depthwise: bool = Field(
-        False, description="Depthwise-separable convolutions in the split paths."
-    )
+    depthwise: bool = Field(False, description="Depthwise-separable convolutions in the split paths.")
     head: Literal["last", "mean_logits", "concat"] = Field(
         "mean_logits",
         description="Multi-scale classifier fusion: last stage only, mean of per-stage logits, or "
@@ -86,9 +84,7 @@ class ModelSpec(_Spec):
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelSpec:
         if len(self.depths) != len(self.widths):
-            raise ValueError(
-                f"depths {self.depths} and widths {self.widths} must have one entry per stage"
-            )
+            raise ValueError(f"depths {self.depths} and widths {self.widths} must have one entry per stage")
         if not self.depths or any(d < 1 for d in self.depths):
             raise ValueError(f"depths must be >= 1 per stage, got {self.depths}")
         if any(w < 1 for w in self.widths):
@@ -247,9 +243,7 @@ class ParamSpace(_Spec):
     def _exactly_one(self) -> ParamSpace:
         given = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"give exactly one of choice/uniform/loguniform/randint, got {given or 'none'}"
-            )
+            raise ValueError(f"give exactly one of choice/uniform/loguniform/randint, got {given or 'none'}")
         if self.choice is not None and not self.choice:
             raise ValueError("choice must list at least one value")
         for k in ("uniform", "loguniform", "randint"):
@@ -366,8 +360,19 @@ class JobRuntimeEnv(_Spec):
 
     working_dir: str | None = Field(".", description="Uploaded to the cluster; None: use the image's copy.")
     excludes: list[str] = Field(
-        default_factory=lambda: ["/.venv", "/.git", "/.scalelab", "/outputs", "/reports", "/data", "/.dvc/cache",
-                                 "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"],
+        default_factory=lambda: [
+            "/.venv",
+            "/.git",
+            "/.scalelab",
+            "/outputs",
+            "/reports",
+            "/data",
+            "/.dvc/cache",
+            "*.egg-info",
+            "__pycache__",
+            ".pytest_cache",
+            ".ruff_cache",
+        ],
         description="Paths left out of the uploaded working dir (gitignore syntax; '/x' = top-level x).",
     )
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the job.")
@@ -396,7 +401,8 @@ class JobSpec(_Spec):
         ..., description="The scalelab verb the job runs."
     )
     args: list[str] = Field(
-        default_factory=list, description="Arguments of the verb before the recipe (e.g. ['run'] for pipeline)."
+        default_factory=list,
+        description="Arguments of the verb before the recipe (e.g. ['run'] for pipeline).",
     )
     recipe: str | None = Field(None, description="Recipe path, relative to the working dir.")
     overrides: list[str] = Field(default_factory=list, description="Dotted recipe overrides.")

@@ -148,9 +148,7 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     return flat.mean(0).round(6).tolist(), np.maximum(flat.std(0), 1e-6).round(6).tolist()
 
 
-def stratified_split(
-    y: np.ndarray, fractions: tuple[float, ...], seed: int
-) -> list[np.ndarray]:
+def stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
     """Split indices so each part keeps the class proportions; deterministic for a seed."""
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]

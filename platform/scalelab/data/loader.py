@@ -55,7 +55,11 @@ class TensorLoader:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
         self.sampler = DistributedSampler(
-            _IndexSet(len(self.y)), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+            _IndexSet(len(self.y)),
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
             drop_last=drop_last and world_size > 1,
         )
         self.generator = torch.Generator().manual_seed(seed + 7919 * rank)

@@ -86,7 +86,7 @@ class MultiScaleBottleneck(nn.Module):
             splits = torch.split(out, self.width, dim=1)  # s x (B, width, H, W)
             outs = []
             prev = None
-            for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
                 # chain splits only when spatial sizes agree (not across a stride)
                 sp = splits[i] if prev is None or self.downsample_block else splits[i] + prev
                 prev = self.act(bn(conv(sp)))

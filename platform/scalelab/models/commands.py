@@ -33,8 +33,13 @@ def register(app: typer.Typer) -> None:
             model = create_model(name, in_chans=in_chans, num_classes=num_classes, image_size=image_size)
             flops = count_flops(model, in_chans, image_size)
             table.add_row(
-                name, cfg.get("task", "classification"), str(cfg.get("scales", 4)), str(cfg.get("depths")),
-                str(cfg.get("widths")), cfg.get("head", "mean_logits"), f"{count_params(model):,}",
+                name,
+                cfg.get("task", "classification"),
+                str(cfg.get("scales", 4)),
+                str(cfg.get("depths")),
+                str(cfg.get("widths")),
+                cfg.get("head", "mean_logits"),
+                f"{count_params(model):,}",
                 f"{flops / 1e6:.1f}",
             )
         Console(width=160).print(table)

@@ -49,7 +49,7 @@ class MultiScaleHead(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         pooled = [self.drop(feats[s].mean((2, 3))) for s in self.stages]  # each (B, C_s)
-        side = [fc(p) for fc, p in zip(self.side, pooled)]  # each (B, K)
+        side = [fc(p) for fc, p in zip(self.side, pooled, strict=True)]  # each (B, K)
         if self.fusion == "concat":
             return self.fused(torch.cat(pooled, 1)), side
         if self.fusion == "mean_logits":
@@ -72,7 +72,7 @@ class MultiScaleResNet(nn.Module):
         chs = spec.stem_width
         stages = []
         self.feature_info: list[dict] = []
-        for i, (depth, width) in enumerate(zip(spec.depths, spec.widths)):
+        for i, (depth, width) in enumerate(zip(spec.depths, spec.widths, strict=True)):
             stride = 1 if i == 0 else 2
             reduction *= stride
             blocks = []
@@ -97,7 +97,11 @@ class MultiScaleResNet(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.head = MultiScaleHead(
-            [f["num_chs"] for f in self.feature_info], spec.head_stages, spec.head, num_classes, spec.drop_rate
+            [f["num_chs"] for f in self.feature_info],
+            spec.head_stages,
+            spec.head,
+            num_classes,
+            spec.drop_rate,
         )
         self.aux_weight = spec.aux_weight
 

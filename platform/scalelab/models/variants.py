@@ -53,8 +53,13 @@ def msresnet_s_mixk():
 def msresnet_m():
     """Fashion-MNIST-sized (28 px) model, under 1M parameters, concatenated multi-scale head."""
     return dict(
-        depths=[2, 2, 2], widths=[64, 128, 256], stem_width=32, scales=4, bottleneck_ratio=1.0,
-        head="concat", head_stages=[-2, -1],
+        depths=[2, 2, 2],
+        widths=[64, 128, 256],
+        stem_width=32,
+        scales=4,
+        bottleneck_ratio=1.0,
+        head="concat",
+        head_stages=[-2, -1],
     )
 
 
@@ -62,8 +67,13 @@ def msresnet_m():
 def resnet_m():
     """Plain partner of msresnet_m (scales=1, matched parameters)."""
     return dict(
-        depths=[2, 2, 2], widths=[64, 128, 256], stem_width=32, scales=1, bottleneck_ratio=0.53125,
-        head="concat", head_stages=[-2, -1],
+        depths=[2, 2, 2],
+        widths=[64, 128, 256],
+        stem_width=32,
+        scales=1,
+        bottleneck_ratio=0.53125,
+        head="concat",
+        head_stages=[-2, -1],
     )
 
 
@@ -71,8 +81,14 @@ def resnet_m():
 def msresnet_l():
     """For large images (>= 64 px): ImageNet-style stem, four stages."""
     return dict(
-        stem="large", depths=[2, 2, 2, 2], widths=[64, 128, 256, 512], stem_width=32, scales=4,
-        bottleneck_ratio=0.5, head="mean_logits", head_stages=[-2, -1],
+        stem="large",
+        depths=[2, 2, 2, 2],
+        widths=[64, 128, 256, 512],
+        stem_width=32,
+        scales=4,
+        bottleneck_ratio=0.5,
+        head="mean_logits",
+        head_stages=[-2, -1],
     )
 
 
@@ -83,8 +99,15 @@ def msresnet_l():
 def msdet_s():
     """Detector for 64-128 px scenes: stride-4 'large' stem, 3 multi-scale stages, FPN width 64."""
     return dict(
-        task="detection", stem="large", depths=[2, 2, 2], widths=[32, 64, 128], stem_width=32, scales=4,
-        bottleneck_ratio=0.5, fpn_width=64, fpn_levels=[0, 1, 2],
+        task="detection",
+        stem="large",
+        depths=[2, 2, 2],
+        widths=[32, 64, 128],
+        stem_width=32,
+        scales=4,
+        bottleneck_ratio=0.5,
+        fpn_width=64,
+        fpn_levels=[0, 1, 2],
     )
 
 

@@ -30,8 +30,9 @@ def connect_ray() -> str:
     return address
 
 
-def run_pipeline(recipe: str, overrides: list[str], start: str | None, stop: str | None,
-                 log=console.print) -> dict:
+def run_pipeline(
+    recipe: str, overrides: list[str], start: str | None, stop: str | None, log=console.print
+) -> dict:
     from scalelab.config import load_recipe
     from scalelab.pipeline.runner import PipelineState, run_steps
     from scalelab.pipeline.steps import STEP_NAMES, build_steps
@@ -62,10 +63,15 @@ def register(app: typer.Typer) -> None:
         console.print(f"[bold green]pipeline done[/] in {time.perf_counter() - began:.0f}s", highlight=False)
         if "smoke" in out:
             s = out["smoke"]
-            console.print(f"served at {s['url']}/ (demo page) and {s['url']}/v1/predict: test accuracy over "
-                          f"HTTP {s['served_test_acc']:.4f} on {s['images']} held-out images "
-                          f"(offline {s['offline_test_acc']:.4f}), p50 {s['latency_p50_ms']} ms", highlight=False)
+            console.print(
+                f"served at {s['url']}/ (demo page) and {s['url']}/v1/predict: test accuracy over "
+                f"HTTP {s['served_test_acc']:.4f} on {s['images']} held-out images "
+                f"(offline {s['offline_test_acc']:.4f}), p50 {s['latency_p50_ms']} ms",
+                highlight=False,
+            )
         if "report" in out:
-            console.print(f"report: {out['report']['html']} (and {out['report']['markdown']})", highlight=False)
+            console.print(
+                f"report: {out['report']['html']} (and {out['report']['markdown']})", highlight=False
+            )
         if "serve" in out:
             console.print("the service keeps running on the local Ray head; `scalelab down` stops it")

@@ -69,22 +69,30 @@ def write_report(ctx: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     promo, serving, lineage = ctx.get("promotion", {}), ctx.get("serving", {}), ctx.get("lineage", {})
     verdict = "pass" if promo.get("passed") else "fail"
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
-             f"<p class='muted'>{html.escape(ctx.get('subtitle', ''))}</p>",
-             "<h2>Summary</h2>", _table_html(kv_rows(ctx.get("summary", {}))),
-             "<h2>Search</h2>", _table_html(search.get("rows", [])[:20], search.get("columns")),
-             _img_tag(search.get("plot"), "accuracy vs parameters by scales"),
-             "<h2>Training</h2>", _table_html(kv_rows(train.get("metrics", {}))),
-             _img_tag(train.get("curves"), "training curves"),
-             _img_tag(train.get("confusion"), "confusion matrix"),
-             "<h2>Promotion</h2>",
-             f"<p>Decision: <span class='{verdict}' id='decision'>{html.escape(str(promo.get('decision', 'n/a')))}"
-             "</span></p>",
-             _table_html(kv_rows(promo.get("numbers", {}))),
-             "<h2>Serving (smoke test over HTTP)</h2>", _table_html(kv_rows(serving)),
-             "<h2>Lineage</h2>", _table_html(kv_rows(lineage)),
-             "</body></html>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='muted'>{html.escape(ctx.get('subtitle', ''))}</p>",
+        "<h2>Summary</h2>",
+        _table_html(kv_rows(ctx.get("summary", {}))),
+        "<h2>Search</h2>",
+        _table_html(search.get("rows", [])[:20], search.get("columns")),
+        _img_tag(search.get("plot"), "accuracy vs parameters by scales"),
+        "<h2>Training</h2>",
+        _table_html(kv_rows(train.get("metrics", {}))),
+        _img_tag(train.get("curves"), "training curves"),
+        _img_tag(train.get("confusion"), "confusion matrix"),
+        "<h2>Promotion</h2>",
+        f"<p>Decision: <span class='{verdict}' id='decision'>{html.escape(str(promo.get('decision', 'n/a')))}"
+        "</span></p>",
+        _table_html(kv_rows(promo.get("numbers", {}))),
+        "<h2>Serving (smoke test over HTTP)</h2>",
+        _table_html(kv_rows(serving)),
+        "<h2>Lineage</h2>",
+        _table_html(kv_rows(lineage)),
+        "</body></html>",
+    ]
     html_path = out / "report.html"
     html_path.write_text("\n".join(parts))
 
@@ -96,14 +104,26 @@ def write_report(ctx: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
             dest.write_bytes(Path(path).read_bytes())
         return f"![{alt}]({dest.name})\n"
 
-    md = [f"# {title}\n", f"{ctx.get('subtitle', '')}\n", "## Summary\n", _table_md(kv_rows(ctx.get("summary", {}))),
-          "## Search\n", _table_md(search.get("rows", [])[:20], search.get("columns")),
-          md_img(search.get("plot"), "accuracy vs parameters by scales"),
-          "## Training\n", _table_md(kv_rows(train.get("metrics", {}))),
-          md_img(train.get("curves"), "training curves"), md_img(train.get("confusion"), "confusion matrix"),
-          "## Promotion\n", f"Decision: **{promo.get('decision', 'n/a')}**\n\n", _table_md(kv_rows(promo.get("numbers", {}))),
-          "## Serving (smoke test over HTTP)\n", _table_md(kv_rows(serving)),
-          "## Lineage\n", _table_md(kv_rows(lineage))]
+    md = [
+        f"# {title}\n",
+        f"{ctx.get('subtitle', '')}\n",
+        "## Summary\n",
+        _table_md(kv_rows(ctx.get("summary", {}))),
+        "## Search\n",
+        _table_md(search.get("rows", [])[:20], search.get("columns")),
+        md_img(search.get("plot"), "accuracy vs parameters by scales"),
+        "## Training\n",
+        _table_md(kv_rows(train.get("metrics", {}))),
+        md_img(train.get("curves"), "training curves"),
+        md_img(train.get("confusion"), "confusion matrix"),
+        "## Promotion\n",
+        f"Decision: **{promo.get('decision', 'n/a')}**\n\n",
+        _table_md(kv_rows(promo.get("numbers", {}))),
+        "## Serving (smoke test over HTTP)\n",
+        _table_md(kv_rows(serving)),
+        "## Lineage\n",
+        _table_md(kv_rows(lineage)),
+    ]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md))
     return html_path, md_path

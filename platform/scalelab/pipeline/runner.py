@@ -45,8 +45,12 @@ class PipelineState:
         return self.data.get(step)
 
     def record(self, step: str, fingerprint: str, outputs: dict[str, Any], seconds: float) -> None:
-        self.data[step] = {"fingerprint": fingerprint, "outputs": outputs, "seconds": seconds,
-                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.data[step] = {
+            "fingerprint": fingerprint,
+            "outputs": outputs,
+            "seconds": seconds,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str))

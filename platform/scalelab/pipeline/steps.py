@@ -62,10 +62,16 @@ def run_tune(spec: RecipeSpec, recipe_path: Path) -> dict[str, Any]:
     plot = outcome.search_dir / "accuracy_vs_params.png"
     plot = plot if plot.is_file() else None
     return {
-        "searched": True, "name": name, "best_yaml": str(outcome.best_yaml),
-        "search_dir": str(outcome.search_dir), "parent_run_id": outcome.parent_run_id,
-        "trials": len(outcome.rows), "pruned": len(outcome.pruned), "best_test_acc": outcome.test_acc,
-        "wall_seconds": round(outcome.wall_seconds, 1), "plot": str(plot) if plot else None,
+        "searched": True,
+        "name": name,
+        "best_yaml": str(outcome.best_yaml),
+        "search_dir": str(outcome.search_dir),
+        "parent_run_id": outcome.parent_run_id,
+        "trials": len(outcome.rows),
+        "pruned": len(outcome.pruned),
+        "best_test_acc": outcome.test_acc,
+        "wall_seconds": round(outcome.wall_seconds, 1),
+        "plot": str(plot) if plot else None,
         "top": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in outcome.rows[:8]],
     }
 
@@ -76,8 +82,14 @@ def run_train(spec: RecipeSpec, outputs: dict[str, Any], overrides: list[str]) -
 
     best = load_recipe(outputs["tune"]["best_yaml"], overrides)
     # the full-budget run keeps the pipeline recipe's training budget and tracking settings
-    best = best.model_copy(update={"search": spec.search.model_copy(update={"space": {}}),
-                                   "tracking": spec.tracking, "promotion": spec.promotion, "serve": spec.serve})
+    best = best.model_copy(
+        update={
+            "search": spec.search.model_copy(update={"space": {}}),
+            "tracking": spec.tracking,
+            "promotion": spec.promotion,
+            "serve": spec.serve,
+        }
+    )
     best = RecipeSpec.model_validate(recipe_to_dict(best))
     # a fresh run each time the step runs (whether it runs is the fingerprint's business)
     run_name = f"{spec.name}-best-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -85,9 +97,13 @@ def run_train(spec: RecipeSpec, outputs: dict[str, Any], overrides: list[str]) -
     out_dir = outcome.model_dir.parent
     dump_recipe(best, out_dir / "recipe.yaml")
     return {
-        "run_name": outcome.run_name, "run_id": outcome.run_id, "model_dir": str(outcome.model_dir),
-        "metrics_file": str(out_dir / "metrics.json"), "test_acc": outcome.metrics["test_acc"],
-        "params": outcome.metrics["params"], "wall_seconds": round(outcome.metrics["wall_seconds"], 1),
+        "run_name": outcome.run_name,
+        "run_id": outcome.run_id,
+        "model_dir": str(outcome.model_dir),
+        "metrics_file": str(out_dir / "metrics.json"),
+        "test_acc": outcome.metrics["test_acc"],
+        "params": outcome.metrics["params"],
+        "wall_seconds": round(outcome.metrics["wall_seconds"], 1),
     }
 
 
@@ -118,8 +134,14 @@ def run_promote(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
             f"no @champion for {reg['name']}: version {reg['version']} was refused "
             f"({'; '.join(outcome.reasons)}), so there is nothing to serve"
         )
-    return {"decision": outcome.decision, "reasons": outcome.reasons, "numbers": _plain(outcome.numbers),
-            "candidate": outcome.candidate, "previous": outcome.previous, "champion": str(champ.version)}
+    return {
+        "decision": outcome.decision,
+        "reasons": outcome.reasons,
+        "numbers": _plain(outcome.numbers),
+        "candidate": outcome.candidate,
+        "previous": outcome.previous,
+        "champion": str(champ.version),
+    }
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +170,9 @@ def run_serve(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
     s = spec.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     uri = resolve_tracking_uri(spec.tracking.uri)
-    application = build_application({"model": target, "tracking_uri": uri, "serve": s.model_dump(mode="json")})
+    application = build_application(
+        {"model": target, "tracking_uri": uri, "serve": s.model_dump(mode="json")}
+    )
     appname = app_name(s, name)
     serve.run(application, name=appname, route_prefix=s.route_prefix)
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
@@ -204,7 +228,10 @@ def run_smoke(spec: RecipeSpec, outputs: dict[str, Any], max_images: int = 200) 
             correct += int(top["index"] == int(test.y[i]))
     lat = sorted(latencies)
     return {
-        "url": url, "images": n, "errors": errors, "served_test_acc": round(correct / max(1, n), 4),
+        "url": url,
+        "images": n,
+        "errors": errors,
+        "served_test_acc": round(correct / max(1, n), 4),
         "offline_test_acc": round(outputs["train"]["test_acc"], 4),
         "latency_p50_ms": round(statistics.median(lat), 2),
         "latency_p95_ms": round(lat[int(0.95 * (len(lat) - 1))], 2),
@@ -225,7 +252,9 @@ def run_report(spec: RecipeSpec, outputs: dict[str, Any], reports_dir: str = "re
     curves = plot_training_curves(metrics.get("history", []), out_dir / "training_curves.png")
     confusion = None
     if metrics.get("confusion") is not None:
-        confusion = plot_confusion_matrix(metrics["confusion"], meta["dataset"]["classes"], out_dir / "confusion.png")
+        confusion = plot_confusion_matrix(
+            metrics["confusion"], meta["dataset"]["classes"], out_dir / "confusion.png"
+        )
     tune, promo, smoke = outputs["tune"], outputs["promote"], outputs["smoke"]
     version = outputs["data"]["version"]
     from scalelab.tracking.lineage import git_state
@@ -233,27 +262,44 @@ def run_report(spec: RecipeSpec, outputs: dict[str, Any], reports_dir: str = "re
     git = git_state()
     ctx = {
         "title": f"scalelab pipeline report: {spec.name}",
-        "subtitle": f"{time.strftime('%Y-%m-%d %H:%M:%S')} · recipe {spec.name} · model {outputs['register']['name']}"
-                    f" v{outputs['register']['version']}",
+        "subtitle": f"{time.strftime('%Y-%m-%d %H:%M:%S')} · recipe {spec.name} · "
+        f"model {outputs['register']['name']} v{outputs['register']['version']}",
         "summary": {
-            "served URL": outputs["serve"]["url"], "served test accuracy": smoke["served_test_acc"],
-            "offline test accuracy": train["test_acc"], "parameters": train["params"],
-            "promotion": promo["decision"], "champion version": promo["champion"],
+            "served URL": outputs["serve"]["url"],
+            "served test accuracy": smoke["served_test_acc"],
+            "offline test accuracy": train["test_acc"],
+            "parameters": train["params"],
+            "promotion": promo["decision"],
+            "champion version": promo["champion"],
         },
         "search": {"rows": tune.get("top", []), "plot": tune.get("plot")},
-        "train": {"metrics": {"run": train["run_name"], "test_acc": train["test_acc"], "params": train["params"],
-                              "precision": metrics.get("precision"), "wall_seconds": train["wall_seconds"],
-                              "epochs": len(metrics.get("history", []))},
-                  "curves": curves, "confusion": confusion},
-        "promotion": {"decision": promo["decision"], "passed": promo["decision"] in ("promoted", "unchanged"),
-                      "numbers": {**promo["numbers"], "reasons": "; ".join(promo["reasons"])}},
+        "train": {
+            "metrics": {
+                "run": train["run_name"],
+                "test_acc": train["test_acc"],
+                "params": train["params"],
+                "precision": metrics.get("precision"),
+                "wall_seconds": train["wall_seconds"],
+                "epochs": len(metrics.get("history", [])),
+            },
+            "curves": curves,
+            "confusion": confusion,
+        },
+        "promotion": {
+            "decision": promo["decision"],
+            "passed": promo["decision"] in ("promoted", "unchanged"),
+            "numbers": {**promo["numbers"], "reasons": "; ".join(promo["reasons"])},
+        },
         "serving": smoke,
         "lineage": {
-            "data": f"{version['name']} md5 {version['content_hash']}", "data git rev": version.get("rev"),
-            "data remote": version.get("remote"), "git commit": git.get("git.commit"),
-            "git dirty": git.get("git.dirty"), "search parent run": tune.get("parent_run_id"),
-            "training run": train["run_id"], "model version": f"{outputs['register']['name']} "
-                                                             f"v{outputs['register']['version']}",
+            "data": f"{version['name']} md5 {version['content_hash']}",
+            "data git rev": version.get("rev"),
+            "data remote": version.get("remote"),
+            "git commit": git.get("git.commit"),
+            "git dirty": git.get("git.dirty"),
+            "search parent run": tune.get("parent_run_id"),
+            "training run": train["run_id"],
+            "model version": f"{outputs['register']['name']} v{outputs['register']['version']}",
         },
     }
     html_path, md_path = write_report(ctx, out_dir)
@@ -269,7 +315,9 @@ def _log_report(spec: RecipeSpec, run_id: str | None, out_dir: Path) -> str | No
     from scalelab.tracking.uri import resolve_tracking_uri
 
     try:
-        mlflow.MlflowClient(resolve_tracking_uri(spec.tracking.uri)).log_artifacts(run_id, str(out_dir), "report")
+        mlflow.MlflowClient(resolve_tracking_uri(spec.tracking.uri)).log_artifacts(
+            run_id, str(out_dir), "report"
+        )
     except Exception as exc:  # noqa: BLE001 - the report is on disk either way
         print(f"warning: report not logged to MLflow run {run_id}: {exc}")
         return None
@@ -279,22 +327,62 @@ def _log_report(spec: RecipeSpec, run_id: str | None, out_dir: Path) -> str | No
 def build_steps(spec: RecipeSpec, recipe_path: Path, overrides: list[str]) -> list[Step]:
     d = recipe_to_dict(spec)
     return [
-        Step("data", lambda o: run_data(spec), lambda o: d["data"], data_done, "prepare + version the dataset (DVC)"),
-        Step("tune", lambda o: run_tune(spec, recipe_path),
-             lambda o: [d["search"], d["model"], d["train"], o["data"]["version"]["content_hash"]],
-             lambda out: Path(out["best_yaml"]).is_file(), "Ray Tune search (Optuna + ASHA)"),
-        Step("train", lambda o: run_train(spec, o, overrides),
-             lambda o: [o["tune"]["best_yaml"], Path(o["tune"]["best_yaml"]).read_text(), d["train"], d["tracking"]],
-             lambda out: (Path(out["model_dir"]) / "model.safetensors").is_file(), "train the best spec at full budget"),
-        Step("register", lambda o: run_register(spec, o), lambda o: [o["train"]["run_id"], model_name(spec)],
-             description="register the model version in MLflow"),
-        Step("promote", lambda o: run_promote(spec, o), lambda o: [o["register"], d["promotion"]],
-             description="gate against @champion; move the alias if it passes"),
-        Step("serve", lambda o: run_serve(spec, o), lambda o: [o["promote"]["champion"], d["serve"]], serve_done,
-             "Ray Serve deployment of NAME@champion"),
-        Step("smoke", lambda o: run_smoke(spec, o), lambda o: [o["serve"], o["data"]["version"]],
-             description="held-out test images over HTTP"),
-        Step("report", lambda o: run_report(spec, o),
-             lambda o: [o[k] for k in ("tune", "train", "register", "promote", "smoke")],
-             lambda out: Path(out["html"]).is_file(), "HTML + Markdown report, logged to MLflow"),
+        Step(
+            "data",
+            lambda o: run_data(spec),
+            lambda o: d["data"],
+            data_done,
+            "prepare + version the dataset (DVC)",
+        ),
+        Step(
+            "tune",
+            lambda o: run_tune(spec, recipe_path),
+            lambda o: [d["search"], d["model"], d["train"], o["data"]["version"]["content_hash"]],
+            lambda out: Path(out["best_yaml"]).is_file(),
+            "Ray Tune search (Optuna + ASHA)",
+        ),
+        Step(
+            "train",
+            lambda o: run_train(spec, o, overrides),
+            lambda o: [
+                o["tune"]["best_yaml"],
+                Path(o["tune"]["best_yaml"]).read_text(),
+                d["train"],
+                d["tracking"],
+            ],
+            lambda out: (Path(out["model_dir"]) / "model.safetensors").is_file(),
+            "train the best spec at full budget",
+        ),
+        Step(
+            "register",
+            lambda o: run_register(spec, o),
+            lambda o: [o["train"]["run_id"], model_name(spec)],
+            description="register the model version in MLflow",
+        ),
+        Step(
+            "promote",
+            lambda o: run_promote(spec, o),
+            lambda o: [o["register"], d["promotion"]],
+            description="gate against @champion; move the alias if it passes",
+        ),
+        Step(
+            "serve",
+            lambda o: run_serve(spec, o),
+            lambda o: [o["promote"]["champion"], d["serve"]],
+            serve_done,
+            "Ray Serve deployment of NAME@champion",
+        ),
+        Step(
+            "smoke",
+            lambda o: run_smoke(spec, o),
+            lambda o: [o["serve"], o["data"]["version"]],
+            description="held-out test images over HTTP",
+        ),
+        Step(
+            "report",
+            lambda o: run_report(spec, o),
+            lambda o: [o[k] for k in ("tune", "train", "register", "promote", "smoke")],
+            lambda out: Path(out["html"]).is_file(),
+            "HTML + Markdown report, logged to MLflow",
+        ),
     ]

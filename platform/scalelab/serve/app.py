@@ -55,6 +55,18 @@ class PredictResponse(BaseModel):
     predictions: list[list[ClassScore]] = Field(..., description="Per image, the top-k classes.")
 
 
+class Detections(BaseModel):
+    boxes: list[list[float]] = Field(..., description="[x1, y1, x2, y2] in the input image's pixels.")
+    labels: list[str] = Field(..., description="Class name per box.")
+    label_ids: list[int] = Field(..., description="Class index per box.")
+    scores: list[float] = Field(..., description="Confidence per box, highest first.")
+
+
+class DetectResponse(BaseModel):
+    model: dict[str, Any] = Field(..., description="Name and version that answered.")
+    detections: list[Detections] = Field(..., description="Per image, the detected objects.")
+
+
 class ErrorResponse(BaseModel):
     error: str = Field(..., description="What was wrong and what to do.")
 
@@ -334,6 +346,8 @@ class ModelServer:
 
     async def _predict(self, images: list[np.ndarray], top_k: int | None) -> dict[str, Any]:
         started = time.perf_counter()
+        if self.predictor is not None and self.predictor.task == "detection":
+            return await self._detect(images, started)
         probs, predictor = await self._infer(np.stack(images))
         version = str(predictor.info.get("version"))
         self.m["latency"].observe((time.perf_counter() - started) * 1000, tags={"model_version": version})
@@ -344,6 +358,16 @@ class ModelServer:
             "model": {"name": predictor.info.get("name"), "version": version},
             "predictions": predictor.top_k(probs, k),
         }
+
+    async def _detect(self, images: list[np.ndarray], started: float) -> dict[str, Any]:
+        """Detection models: images keep their sizes (no stacking, no dynamic batching)."""
+        predictor = self.predictor
+        detections = await asyncio.to_thread(predictor.detect, images)
+        version = str(predictor.info.get("version"))
+        self.m["latency"].observe((time.perf_counter() - started) * 1000, tags={"model_version": version})
+        self.m["images"].inc(len(images), tags={"model_version": version})
+        self.m["requests"].inc(tags={"model_version": version, "status": "ok"})
+        return {"model": {"name": predictor.info.get("name"), "version": version}, "detections": detections}
 
     def _require_model(self) -> Predictor:
         if self.predictor is None:
@@ -357,7 +381,10 @@ class ModelServer:
             raise BadInput(413, f"{n} images in one request exceeds the limit of {self.cfg.max_images}")
 
     @api.post(
-        "/v1/predict", response_model=PredictResponse, responses=ERRORS, summary="Classify images (JSON)"
+        "/v1/predict",
+        response_model=PredictResponse | DetectResponse,
+        responses=ERRORS,
+        summary="Classify images (JSON)",
     )
     async def predict(self, body: PredictRequest) -> dict[str, Any]:
         """Top-k classes with probabilities for each image (base64 image files or pixel arrays)."""
@@ -373,7 +400,7 @@ class ModelServer:
 
     @api.post(
         "/v1/predict/file",
-        response_model=PredictResponse,
+        response_model=PredictResponse | DetectResponse,
         responses=ERRORS,
         summary="Classify uploaded image files (multipart)",
     )
@@ -403,6 +430,7 @@ class ModelServer:
                 "std": list(p.input.std),
             },
             "classes": list(p.classes),
+            "task": p.task,
             "loaded_at": self.loaded_at,
             "watching": None if (self.cfg.version or self.cfg.bundle_path) else self.cfg.alias,
             "poll_error": self.last_poll_error,

@@ -115,6 +115,7 @@ def register(app: typer.Typer) -> None:
             f"[bold green]serving[/] {target} at {url}/ (demo page), {url}/v1/predict; Ctrl-C stops it",
             highlight=False,
         )
+
         def _stop(*_):
             raise KeyboardInterrupt
 

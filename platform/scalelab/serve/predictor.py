@@ -47,6 +47,26 @@ class Predictor:
     def classes(self) -> tuple[str, ...]:
         return self.input.classes
 
+    @property
+    def task(self) -> str:
+        return "detection" if self.input.keep_size else "classification"
+
+    @torch.inference_mode()
+    def detect(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        """uint8 (H, W, C) images of any size -> boxes (x1, y1, x2, y2 in each image's pixels)."""
+        from scalelab.models.detection import predict_boxes
+
+        out = predict_boxes(self.model, images, self.meta)
+        return [
+            {
+                "boxes": [[round(float(v), 2) for v in b] for b in d["boxes"]],
+                "labels": d["labels"],
+                "label_ids": [int(i) for i in d["label_ids"]],
+                "scores": [round(float(v), 6) for v in d["scores"]],
+            }
+            for d in out
+        ]
+
     @torch.inference_mode()
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, S, S, C) -> probabilities (B, K) float32."""

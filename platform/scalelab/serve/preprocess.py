@@ -39,12 +39,19 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    keep_size: bool = False  # detection: boxes come back in the input's own pixels
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> InputSpec:
         d = meta["dataset"]
+        task = ((meta.get("recipe") or {}).get("model") or {}).get("task", "classification")
         return cls(
-            int(d["image_size"]), int(d["channels"]), tuple(d["mean"]), tuple(d["std"]), tuple(d["classes"])
+            int(d["image_size"]),
+            int(d["channels"]),
+            tuple(d["mean"]),
+            tuple(d["std"]),
+            tuple(d["classes"]),
+            keep_size=task == "detection",
         )
 
 
@@ -79,7 +86,8 @@ def decode_image_bytes(raw: bytes, spec: InputSpec, max_pixels: int, where: str 
 
 
 def to_model_array(img, spec: InputSpec) -> np.ndarray:
-    """A PIL image of any mode and size -> uint8 (S, S, C) as the model was trained on."""
+    """A PIL image of any mode and size -> uint8 (S, S, C) as the model was trained on (detection
+    keeps the image's own size: the detector letterboxes it and maps boxes back)."""
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -93,7 +101,7 @@ def to_model_array(img, spec: InputSpec) -> np.ndarray:
         bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(bg, img)
     img = img.convert("L" if spec.channels == 1 else "RGB")
-    if img.size != (spec.image_size, spec.image_size):
+    if not spec.keep_size and img.size != (spec.image_size, spec.image_size):
         img = img.resize((spec.image_size, spec.image_size), Image.BILINEAR)
     arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
     return arr[..., None] if arr.ndim == 2 else arr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,7 +55,8 @@ def replica_config(
         model_name=model_name,
         alias=None if version else alias,
         version=version,
-        bundle_path=bundle_path,
+        # absolute: replicas run in another working directory
+        bundle_path=str(Path(bundle_path).resolve()) if bundle_path else None,
         tracking_uri=tracking_uri,
         poll_interval_s=spec.poll_interval_s,
         batching=spec.batching,

@@ -38,7 +38,10 @@ def register(app: typer.Typer) -> None:
         m = outcome.metrics
         if m.get("worker_node_ids"):
             nodes = m["worker_node_ids"]
-            console.print(f"workers ran on {len(set(nodes))} node(s): {' '.join(n[:12] for n in nodes)}", highlight=False)
+            console.print(
+                f"workers ran on {len(set(nodes))} node(s): {' '.join(n[:12] for n in nodes)}",
+                highlight=False,
+            )
         console.print(
             f"[bold green]done[/] run {outcome.run_name}: test_acc {m['test_acc']:.4f} "
             f"({m['params']:,} params, {m['precision']}, {m['wall_seconds']:.1f}s) -> {outcome.model_dir}",

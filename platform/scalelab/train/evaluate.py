@@ -34,9 +34,11 @@ def evaluate(model: nn.Module, loader, num_classes: int, runtime: Runtime) -> Ev
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         pred = logits.argmax(1)
-        conf += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(
-            num_classes, num_classes
-        ).double()
+        conf += (
+            torch.bincount(y * num_classes + pred, minlength=num_classes**2)
+            .view(num_classes, num_classes)
+            .double()
+        )
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(conf)
         dist.all_reduce(loss_sum)

@@ -126,11 +126,20 @@ def fit(
     detection = spec.model.task == "detection"  # boxes in, mAP out; the rest of the loop is shared
     Loader = DetectionLoader if detection else TensorLoader  # noqa: N806
     evaluate_split = evaluate_detection if detection else evaluate
-    loader_args = dict(mean=data.mean, std=data.std, device=runtime.device, channels_last=runtime.channels_last)
+    loader_args = dict(
+        mean=data.mean, std=data.std, device=runtime.device, channels_last=runtime.channels_last
+    )
     augment = allowed_augment(spec.data.augment, data.hflip_ok)  # never flip digits
     train_loader = Loader(
-        data.splits["train"], micro, shuffle=True, augment=augment, seed=t.seed, rank=rank,
-        world_size=world_size, drop_last=True, **loader_args,
+        data.splits["train"],
+        micro,
+        shuffle=True,
+        augment=augment,
+        seed=t.seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=True,
+        **loader_args,
     )
     val_loader = Loader(data.splits["val"], 256, rank=rank, world_size=world_size, **loader_args)
     test_loader = Loader(data.splits["test"], 256, rank=rank, world_size=world_size, **loader_args)
@@ -165,7 +174,13 @@ def fit(
                 with tempfile.TemporaryDirectory(prefix="scalelab-ckpt-") as tmp:
                     if rank == 0:
                         save_training_checkpoint(
-                            tmp, model, optimizer, scheduler, epoch + 1, history, bundle_meta(spec, data, runtime)
+                            tmp,
+                            model,
+                            optimizer,
+                            scheduler,
+                            epoch + 1,
+                            history,
+                            bundle_meta(spec, data, runtime),
                         )
                     report(metrics, tmp if rank == 0 else None)
             else:

@@ -31,19 +31,10 @@ from scalelab.cluster.services import (
     start_s3_server,
 )
 from scalelab.errors import ScalelabError
-from scalelab.tracking.uri import STACK_FILE, STATE_DIR
+from scalelab.tracking.uri import STACK_FILE, STATE_DIR, read_stack
 
 # Which stack.json address key each service provides.
 ADDRESS_KEYS = {"mlflow": "mlflow_url", "s3": "s3_url", "ray": "ray_address"}
-
-
-def read_stack(path: Path = STACK_FILE) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return {}
 
 
 def write_stack(stack: dict[str, Any], path: Path = STACK_FILE) -> Path:

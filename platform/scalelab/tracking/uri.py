@@ -12,11 +12,12 @@ STATE_DIR = Path(".scalelab")
 STACK_FILE = STATE_DIR / "stack.json"
 
 
-def read_stack() -> dict:
-    if not STACK_FILE.is_file():
+def read_stack(path: Path = STACK_FILE) -> dict:
+    """The running `scalelab up` stack's addresses and processes ({} when none is recorded)."""
+    if not path.is_file():
         return {}
     try:
-        return json.loads(STACK_FILE.read_text())
+        return json.loads(path.read_text())
     except ValueError:
         return {}
 

@@ -11,23 +11,22 @@ from rich.console import Console
 console = Console()
 
 
-def connect_ray() -> str:
+def connect_ray() -> None:
     """Use the running Ray (tests, jobs, `scalelab up`); else start a Ray head of our own (by pid,
-    in .scalelab/stack.json) so the served model outlives this command. Returns the address."""
+    in .scalelab/stack.json) so the served model outlives this command."""
     import os
 
     import ray
 
-    if ray.is_initialized():
-        return "current"
     from scalelab.cluster.stack import live_ray_address, up
+    from scalelab.train.ray_trainer import connect_ray as connect
 
-    address = os.environ.get("RAY_ADDRESS") or live_ray_address()
-    if address is None:
+    if ray.is_initialized():
+        return
+    if not os.environ.get("RAY_ADDRESS") and live_ray_address() is None:
         console.print("starting a local Ray head for the pipeline (stop it with `scalelab down`)")
-        address = up(mlflow=False, s3=False, ray=True)["ray_address"]
-    ray.init(address=address, log_to_driver=False, configure_logging=False)
-    return address
+        up(mlflow=False, s3=False, ray=True)
+    connect()  # the head's address and its token auth mode come from stack.json
 
 
 def run_pipeline(

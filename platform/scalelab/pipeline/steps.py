@@ -161,12 +161,9 @@ def run_serve(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
     name = outputs["register"]["name"]
     target = f"{name}@champion"
     if not ray.is_initialized():
-        from scalelab.cluster.stack import live_ray_address, up
+        from scalelab.pipeline.commands import connect_ray
 
-        address = live_ray_address()
-        if address is None:
-            address = up(mlflow=False, s3=False, ray=True)["ray_address"]
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        connect_ray()
     s = spec.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     uri = resolve_tracking_uri(spec.tracking.uri)

@@ -45,7 +45,8 @@ class TensorLoader:
         device: torch.device | str = "cpu",
         channels_last: bool = False,
     ) -> None:
-        self.x = torch.from_numpy(np.ascontiguousarray(split.x.transpose(0, 3, 1, 2)))  # (N, C, H, W)
+        # a writable copy in (N, C, H, W) order (prepared arrays may be read-only)
+        self.x = torch.from_numpy(np.array(split.x.transpose(0, 3, 1, 2), order="C"))
         self.y = torch.from_numpy(split.y.astype(np.int64))
         self.batch_size = batch_size
         self.augment = augment if shuffle else None

@@ -36,9 +36,10 @@ def run_data(spec: RecipeSpec) -> dict[str, Any]:
     pushed = "not DVC-tracked (content hash only)"
     root = find_dvc_root(path)
     if root is not None and version.path and locked_hash(root, version.path)[0] == version.content_hash:
-        from scalelab.data.remote import transfer
+        from scalelab.data.remote import run_dvc, transfer
 
         try:
+            run_dvc(["commit", "--force", version.path], cwd=root)  # into the cache (a fresh clone has none)
             pushed = transfer(root, "push", [version.path]) or "pushed"
         except ScalelabError as exc:  # the run can go on: the version is pinned by its hash
             pushed = f"not pushed: {exc}"

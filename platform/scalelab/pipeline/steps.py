@@ -36,13 +36,17 @@ def run_data(spec: RecipeSpec) -> dict[str, Any]:
     pushed = "not DVC-tracked (content hash only)"
     root = find_dvc_root(path)
     if root is not None and version.path and locked_hash(root, version.path)[0] == version.content_hash:
-        from scalelab.data.remote import run_dvc, transfer
+        h = version.content_hash
+        if not (root / ".dvc" / "cache" / "files" / "md5" / h[:2] / h[2:]).is_file():
+            # a fresh clone: dvc.lock pins the version (hash + git rev) but the cache is empty
+            pushed = "not pushed: not in the local DVC cache; `dvc repro prepare && dvc push` stores it"
+        else:
+            from scalelab.data.remote import transfer
 
-        try:
-            run_dvc(["commit", "--force", version.path], cwd=root)  # into the cache (a fresh clone has none)
-            pushed = transfer(root, "push", [version.path]) or "pushed"
-        except ScalelabError as exc:  # the run can go on: the version is pinned by its hash
-            pushed = f"not pushed: {exc}"
+            try:
+                pushed = transfer(root, "push", [version.path]) or "pushed"
+            except ScalelabError as exc:  # the run can go on: the version is pinned by its hash
+                pushed = f"not pushed: {exc}"
     return {"path": str(path), "version": version.to_dict(), "push": pushed}
 
 

@@ -119,14 +119,7 @@ def start_mlflow_server(
         "--workers",
         "1",
     ]
-    proc = _spawn("mlflow", cmd, log, extra_env)
-    url = f"http://{host}:{port}"
-    try:
-        wait_http(f"{url}/health", timeout, proc, str(log))
-    except ScalelabError:
-        Service("mlflow", proc.pid, url, str(log)).stop()
-        raise
-    return Service("mlflow", proc.pid, url, str(log))
+    return _start_http_service("mlflow", cmd, log, f"http://{host}:{port}", "/health", timeout, extra_env)
 
 
 def start_s3_server(
@@ -136,11 +129,19 @@ def start_s3_server(
     state = Path(state_dir).resolve()
     port = port or free_port(host)
     log = state / f"s3-{port}.log"
-    proc = _spawn("s3", [str(BIN / "moto_server"), "-H", host, "-p", str(port)], log)
-    url = f"http://{host}:{port}"
+    cmd = [str(BIN / "moto_server"), "-H", host, "-p", str(port)]
+    return _start_http_service("s3", cmd, log, f"http://{host}:{port}", "/moto-api/", timeout)
+
+
+def _start_http_service(
+    name: str, cmd: list[str], log: Path, url: str, probe: str, timeout: float, env: dict | None = None
+) -> Service:
+    """Spawn ``cmd`` (its own process group), wait until ``url + probe`` answers, else stop it."""
+    proc = _spawn(name, cmd, log, env)
+    svc = Service(name, proc.pid, url, str(log))
     try:
-        wait_http(f"{url}/moto-api/", timeout, proc, str(log))
+        wait_http(f"{url}{probe}", timeout, proc, str(log))
     except ScalelabError:
-        Service("s3", proc.pid, url, str(log)).stop()
+        svc.stop()
         raise
-    return Service("s3", proc.pid, url, str(log))
+    return svc

@@ -91,6 +91,23 @@ def _wait_port(host: str, port: int, timeout: float, svc: Service, ready_line: s
     raise ScalelabError(f"{svc.name} did not open {host}:{port} within {timeout:.0f}s (log: {svc.log})")
 
 
+def _node_args(host: str, ports: dict[str, int]) -> list[str]:
+    """Flags every node on this machine needs: its IP, and free ports for its agents, so several
+    raylets (head and workers) can run side by side."""
+    return [
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        host,
+        "--dashboard-agent-listen-port",
+        str(ports["agent_listen"]),
+        "--dashboard-agent-grpc-port",
+        str(ports["agent_grpc"]),
+        "--runtime-env-agent-port",
+        str(ports["runtime_env"]),
+    ]
+
+
 def start_ray_head(
     state_dir: str | Path,
     host: str = "127.0.0.1",
@@ -109,20 +126,11 @@ def start_ray_head(
         str(BIN / "ray"),
         "start",
         "--head",
-        "--block",
-        "--disable-usage-stats",
-        "--node-ip-address",
-        host,
+        *_node_args(host, ports),
         "--port",
         str(port),
         "--ray-client-server-port",
         str(ports["client"]),
-        "--dashboard-agent-listen-port",
-        str(ports["agent_listen"]),
-        "--dashboard-agent-grpc-port",
-        str(ports["agent_grpc"]),
-        "--runtime-env-agent-port",
-        str(ports["runtime_env"]),
         f"--include-dashboard={str(dashboard).lower()}",
     ]
     if dashboard:
@@ -179,18 +187,9 @@ def start_ray_worker(
         "start",
         "--address",
         head_address,
-        "--block",
-        "--disable-usage-stats",
-        "--node-ip-address",
-        host,
+        *_node_args(host, ports),
         "--num-cpus",
         str(num_cpus),
-        "--dashboard-agent-listen-port",
-        str(ports["agent_listen"]),
-        "--dashboard-agent-grpc-port",
-        str(ports["agent_grpc"]),
-        "--runtime-env-agent-port",
-        str(ports["runtime_env"]),
         "--metrics-export-port",
         str(ports["metrics"]),
         "--resources",

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from scalelab.config.specs import DataSpec
-from scalelab.data.dataset import Dataset, DataVersion, read_prepared
+from scalelab.data.dataset import Dataset, DataVersion, file_digest, read_prepared
 from scalelab.errors import DataError
 
 CACHE_DIR = Path(".scalelab/data-cache")  # fetched versions, one folder per content hash
@@ -35,11 +35,7 @@ CACHE_DIR = Path(".scalelab/data-cache")  # fetched versions, one folder per con
 
 
 def md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def dir_entries(path: str | Path) -> list[dict[str, str]]:

@@ -13,8 +13,9 @@
 # scalelab.train.loop.fit — the same per-worker loop every Ray Train worker runs (Ray itself is not
 # on that machine). The official 10k test split is evaluated after every epoch, so the time to 95% is
 # read off the curve; the clock starts when fit starts (data already in memory) and includes model
-# build, cuDNN autotuning and every evaluation. Extra KEY=VALUE arguments override the recipe,
-# e.g. `run train.batch_size=512 train.lr=0.4 train.epochs=20`. The JSON also lands in $OUT if set.
+# build, cuDNN autotuning and every evaluation. Extra arguments go to benchmarks/gpu_fashion.py,
+# e.g. `run --configs 30:512:0.4 40:512:0.4` (EPOCHS:BATCH:LR, in order). The JSON lands in $OUT if set,
+# else in benchmarks/results/gpu_fashion_runs.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=.gpu_carry
@@ -45,48 +46,4 @@ fi
 export PYTHONPATH="$PWD/platform${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-python3 - "$CARRY/fashion-mnist" "$@" <<'EOF'
-import json, os, sys, time
-import torch
-from scalelab.config import load_recipe
-from scalelab.data.catalog import read_raw
-from scalelab.train.loop import fit
-
-source, overrides = sys.argv[1], sys.argv[2:]
-spec = load_recipe("pipelines/fashion-mnist.yaml", [
-    "train.use_gpu=true", "train.precision=bf16", f"data.source={source}", "data.data_dir=/tmp/gpu-data",
-    *overrides,
-])
-assert torch.cuda.is_available(), "no CUDA device visible"
-torch.backends.cudnn.benchmark = True
-data = read_raw(spec.data)
-data.splits["val"] = data.splits["test"]  # per-epoch *test* accuracy: the time to 95% is read off it
-torch.cuda.synchronize()
-start = time.perf_counter()
-curve = []
-
-def report(metrics, _checkpoint_dir):
-    curve.append({"epoch": metrics["epoch"], "seconds": round(time.perf_counter() - start, 2),
-                  "test_acc": round(metrics["val_acc"], 4), "images_per_s": round(metrics["images_per_s"])})
-    print(json.dumps(curve[-1]), flush=True)
-
-result = fit(spec, data, report=report)
-total = time.perf_counter() - start
-to95 = next((c["seconds"] for c in curve if c["test_acc"] >= 0.95), None)
-out = {
-    "gpu_seconds_to_95": to95,
-    "gpu_device": torch.cuda.get_device_name(0),
-    "gpu_test_acc": round(result.test.accuracy, 4),
-    "gpu_seconds_total": round(total, 2),
-    "gpu_precision": result.runtime.precision,
-    "gpu_params": result.params,
-    "gpu_recipe_overrides": overrides,
-    "gpu_epochs": spec.train.epochs, "gpu_batch_size": spec.train.batch_size,
-    "torch": torch.__version__,
-    "curve": curve,
-}
-print(json.dumps(out, indent=2))
-if os.environ.get("OUT"):
-    with open(os.path.join(os.environ["OUT"], "gpu_check.json"), "w") as f:
-        json.dump(out, f, indent=2)
-EOF
+python3 benchmarks/gpu_fashion.py --data "$CARRY/fashion-mnist" --out "${OUT:-benchmarks/results}/gpu_fashion_runs.json" "$@"

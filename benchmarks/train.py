@@ -144,7 +144,7 @@ def main() -> None:
     (workdir / "pipelines").symlink_to(REPO / "pipelines")
     os.chdir(workdir)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    out: dict = {"note": "2-core machine shared with other work while measuring: read ratios, not absolutes"}
+    out: dict = {"note": "runs side by side in rounds; read ratios, not absolutes (see load_average_at_end)"}
 
     print("time to first step: cold (the command starts its own local Ray)", flush=True)
     cold = first_step(workdir, env, "cold")

@@ -69,3 +69,43 @@ def test_evaluate_refuses_a_model_of_other_classes(workdir: Path, tmp_path: Path
     runner.invoke(app, ["data", "prepare", str(recipe)])
     result = runner.invoke(app, ["evaluate", str(outcome.model_dir), str(recipe)])
     assert isinstance(result.exception, DataError) and "trained on classes" in str(result.exception)
+
+
+def test_evaluate_toggles_test_time_flip(workdir: Path):
+    import numpy as np
+
+    from scalelab.config import load_recipe
+    from scalelab.train.api import run_training
+
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 4
+    x = (rng.random((200, 8, 8)) * 60).astype(np.uint8)
+    x[np.arange(200), y, :4] = 255  # class = which row carries a bar on the left half
+    np.savez(workdir / "bars.npz", x=x, y=y)
+    recipe = workdir / "bars.yaml"
+    recipe.write_text(
+        "name: bars\ndata: {name: bars, kind: npz, source: bars.npz, test_fraction: 0.25}\n"
+        "model: {variant: msresnet_tiny, test_time_flip: true}\n"
+        "train: {epochs: 2, threads: 1, run_name: tta}\ntracking: {enabled: false}\n"
+    )
+    outcome = run_training(load_recipe(str(recipe)))
+    out_on, out_off = workdir / "on.json", workdir / "off.json"
+    assert (
+        runner.invoke(app, ["evaluate", str(outcome.model_dir), str(recipe), "--out", str(out_on)]).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        app, ["evaluate", str(outcome.model_dir), str(recipe), "--no-test-time-flip", "--out", str(out_off)]
+    )
+    assert result.exit_code == 0, result.output
+    on, off = json.loads(out_on.read_text()), json.loads(out_off.read_text())
+    assert on["test_time_flip"] is True and off["test_time_flip"] is False
+    assert on["test_acc"] == pytest.approx(outcome.metrics["test_acc"], abs=1e-6)  # as trained
+    assert on["test_loss"] != pytest.approx(off["test_loss"], abs=1e-6)  # the mirror pass changes the answer
+
+    digits = ["model.variant=msresnet_tiny", "train.epochs=1", "train.threads=1", "tracking.enabled=false"]
+    plain = run_training(load_recipe("pipelines/digits.yaml", digits + ["train.run_name=ev3"]))
+    result = runner.invoke(
+        app, ["evaluate", str(plain.model_dir), "pipelines/digits.yaml", "--test-time-flip"]
+    )
+    assert isinstance(result.exception, DataError) and "not left-right symmetric" in str(result.exception)

@@ -75,3 +75,39 @@ def test_invalid_block_args_raise():
         MultiScaleBottleneck(8, 8, 10, scales=4)
     with pytest.raises(ValueError):
         ModelSpec(scales=3, widths=[64, 128, 256], bottleneck_ratio=0.5)
+
+
+def test_test_time_flip_averages_mirror_in_eval_only():
+    torch.manual_seed(0)
+    plain = create_model("msresnet_tiny")
+    tta = create_model("msresnet_tiny", test_time_flip=True)
+    tta.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 1, 8, 8)
+    plain.eval(), tta.eval()
+    with torch.no_grad():
+        expected = (plain(x) + plain(x.flip(-1))) / 2
+        got = tta(x)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert not torch.allclose(got, plain(x), atol=1e-3)  # it does change the answer
+        # a mirrored input gives the same prediction: the averaged model is flip-invariant
+        assert torch.allclose(tta(x.flip(-1)), got, atol=1e-5)
+    plain.train(), tta.train()
+    torch.manual_seed(1)
+    a = plain(x)
+    torch.manual_seed(1)
+    assert torch.allclose(tta(x), a)  # training forward is untouched
+
+
+def test_test_time_flip_refused_for_detection():
+    with pytest.raises(ValueError, match="classifiers"):
+        ModelSpec(variant="msdet_s", test_time_flip=True)
+
+
+def test_test_time_flip_survives_torch_export_with_dynamic_batch():
+    # mlflow.pytorch.log_model (pt2) exports the eval-mode model with a dynamic batch dimension
+    model = create_model("msresnet_tiny", test_time_flip=True).eval()
+    example = torch.randn(2, 1, 8, 8)
+    prog = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(prog.module()(x), model(x), atol=1e-5)

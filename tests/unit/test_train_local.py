@@ -113,3 +113,9 @@ def test_bf16_autocast_selected_only_when_supported():
             select_runtime(TrainSpec(use_gpu=True))
         else:
             raise RuntimeError("no CUDA (skipped on GPU hosts)")
+
+
+def test_test_time_flip_refused_on_digits(workdir: Path):
+    spec = load_recipe("pipelines/digits.yaml", FAST + ["model.test_time_flip=true", "train.epochs=1"])
+    with pytest.raises(ValueError, match="not left-right symmetric"):
+        run_training(spec)

@@ -65,6 +65,12 @@ class ModelSpec(_Spec):
         0.3, ge=0, description="Weight of the auxiliary (side-head) losses during training."
     )
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier(s).")
+    test_time_flip: bool = Field(
+        False,
+        description="Classifier: in eval mode, average the logits of each image and its mirror image "
+        "(test-time augmentation for left-right symmetric data; doubles inference cost). Part of the "
+        "model, so evaluation, serving and the exported model all do it.",
+    )
     fpn_width: int = Field(64, ge=8, description="Detection: FPN channels.")
     fpn_levels: list[int] = Field(
         [0, 1, 2], description="Detection: backbone stages (indices) feeding the FPN."
@@ -99,6 +105,8 @@ class ModelSpec(_Spec):
                     f"is not divisible by scales={self.scales}; pick widths that are multiples of "
                     f"{self.scales}/{self.bottleneck_ratio} or set width_per_scale"
                 )
+        if self.test_time_flip and self.task == "detection":
+            raise ValueError("test_time_flip is for classifiers; a detector's boxes would need un-flipping")
         n = len(self.depths)
         for idx in [*self.head_stages, *self.fpn_levels]:
             if not -n <= idx < n:

@@ -114,8 +114,18 @@ class MultiScaleResNet(nn.Module):
         return feats
 
     def forward(self, x: torch.Tensor, with_aux: bool = False):
-        """Fused logits (B, K); with ``with_aux`` also the auxiliary logits (deep supervision)."""
-        logits, aux = self.head(self.forward_features(x))
+        """Fused logits (B, K); with ``with_aux`` also the auxiliary logits (deep supervision).
+
+        With ``test_time_flip`` an eval-mode call also runs the mirror images (in the same batch)
+        and returns the mean of both logits; training is unchanged.
+        """
+        if self.spec.test_time_flip and not self.training:
+            n = x.shape[0]
+            logits, aux = self.head(self.forward_features(torch.cat([x, x.flip(-1)])))
+            logits = (logits[:n] + logits[n:]) / 2
+            aux = [(a[:n] + a[n:]) / 2 for a in aux]
+        else:
+            logits, aux = self.head(self.forward_features(x))
         return (logits, aux) if with_aux else logits
 
 

@@ -16,9 +16,17 @@ console = Console()
 
 
 def evaluate_bundle(
-    model_dir: str | Path, recipe: str, overrides: list[str] | None = None, split: str = "test"
+    model_dir: str | Path,
+    recipe: str,
+    overrides: list[str] | None = None,
+    split: str = "test",
+    test_time_flip: bool | None = None,
 ) -> dict[str, Any]:
-    """Metrics of the bundle on ``split`` of the recipe's dataset (version-checked against DVC)."""
+    """Metrics of the bundle on ``split`` of the recipe's dataset (version-checked against DVC).
+
+    ``test_time_flip`` turns the model's mirror-averaging on or off for this evaluation only
+    (None: as the bundle was trained), e.g. to measure what it adds.
+    """
     from scalelab.config import load_recipe
     from scalelab.data.catalog import load_dataset
     from scalelab.data.loader import TensorLoader
@@ -36,6 +44,10 @@ def evaluate_bundle(
             f"{model_dir} was trained on classes {trained_on['classes']}, but {spec.data.name} has "
             f"{data.classes}; evaluate it on the dataset it was trained for"
         )
+    if test_time_flip is not None and getattr(model, "spec", None) is not None:
+        if test_time_flip and not data.hflip_ok:
+            raise DataError(f"{spec.data.name} images are not left-right symmetric: no test-time flip")
+        model.spec = model.spec.model_copy(update={"test_time_flip": test_time_flip})
     if split not in data.splits:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(data.splits)}")
     runtime = select_runtime(spec.train)
@@ -59,6 +71,7 @@ def evaluate_bundle(
         "data_version": data.version.to_dict() if data.version else None,
         "same_data_as_training": trained_version == (data.version.content_hash if data.version else None),
         "weights_sha256": meta.get("weights_sha256"),
+        "test_time_flip": bool(getattr(getattr(model, "spec", None), "test_time_flip", False)),
     }
 
 
@@ -70,9 +83,14 @@ def register(app: typer.Typer) -> None:
         overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.threads=1."),
         out: str = typer.Option(None, "--out", help="Write the metrics as JSON here (a DVC metrics file)."),
         split: str = typer.Option("test", "--split", help="Split to evaluate: train, val or test."),
+        test_time_flip: bool = typer.Option(
+            None,
+            "--test-time-flip/--no-test-time-flip",
+            help="Average each image with its mirror (or not) for this evaluation; default: as trained.",
+        ),
     ) -> None:
         """Evaluate a trained model bundle on the recipe's prepared data."""
-        metrics = evaluate_bundle(model_dir, recipe, overrides, split)
+        metrics = evaluate_bundle(model_dir, recipe, overrides, split, test_time_flip)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -115,6 +115,12 @@ def fit(
     if runtime.device.type == "cuda" and world_size > 1:
         torch.cuda.set_device(runtime.device)
 
+    if spec.model.test_time_flip and not data.hflip_ok:
+        raise ValueError(
+            f"model.test_time_flip averages each image with its mirror image, but '{data.name}' images "
+            "are not left-right symmetric (its metadata says hflip_ok: false, e.g. digits): set "
+            "model.test_time_flip=false"
+        )
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(spec.model, data.channels, data.num_classes, data.image_size).to(runtime.device)
     params = count_params(model)

@@ -9,7 +9,7 @@ import torch
 
 from scalelab.config import load_recipe
 from scalelab.data import load_dataset
-from scalelab.errors import CheckpointError
+from scalelab.errors import CheckpointError, ConfigError
 from scalelab.train.api import run_training
 from scalelab.train.checkpoint import WEIGHTS, load_model_bundle
 from scalelab.train.loop import lr_factor, per_worker_batch
@@ -117,5 +117,6 @@ def test_bf16_autocast_selected_only_when_supported():
 
 def test_test_time_flip_refused_on_digits(workdir: Path):
     spec = load_recipe("pipelines/digits.yaml", FAST + ["model.test_time_flip=true", "train.epochs=1"])
-    with pytest.raises(ValueError, match="not left-right symmetric"):
+    with pytest.raises(ConfigError, match="not left-right symmetric"):
         run_training(spec)
+    assert not (workdir / ".scalelab" / "runs").exists()  # refused before any run state is written

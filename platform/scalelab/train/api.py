@@ -16,7 +16,7 @@ from scalelab.config.specs import RecipeSpec
 from scalelab.data.catalog import load_dataset, prepared_path
 from scalelab.errors import ConfigError
 from scalelab.train.checkpoint import load_model_bundle, save_model_bundle
-from scalelab.train.loop import FitResult, bundle_meta
+from scalelab.train.loop import FitResult, bundle_meta, check_model_fits_data
 
 
 @dataclass
@@ -70,6 +70,7 @@ def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -
             "train.storage_path on S3 needs Ray Train: set train.workers >= 1 (or use a folder)"
         )
     data = load_dataset(spec.data)
+    check_model_fits_data(spec, data)  # before any run, checkpoint or Ray exists
     started = time.perf_counter()
     timing = {"run_training": time.time()}  # where the time to the first step goes (benchmarks)
     started_ray = False

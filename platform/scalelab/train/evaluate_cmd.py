@@ -44,9 +44,11 @@ def evaluate_bundle(
             f"{model_dir} was trained on classes {trained_on['classes']}, but {spec.data.name} has "
             f"{data.classes}; evaluate it on the dataset it was trained for"
         )
-    if test_time_flip is not None and getattr(model, "spec", None) is not None:
+    if test_time_flip is not None:
         if test_time_flip and not data.hflip_ok:
             raise DataError(f"{spec.data.name} images are not left-right symmetric: no test-time flip")
+        if getattr(getattr(model, "spec", None), "task", None) != "classification":
+            raise DataError(f"{model_dir} is not a classifier: test-time flip applies to classifiers only")
         model.spec = model.spec.model_copy(update={"test_time_flip": test_time_flip})
     if split not in data.splits:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(data.splits)}")

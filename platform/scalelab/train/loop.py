@@ -23,6 +23,7 @@ from torch import nn
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.dataset import Dataset
 from scalelab.data.loader import TensorLoader, allowed_augment
+from scalelab.errors import ConfigError
 from scalelab.models.factory import build_model, count_params
 from scalelab.models.resnet import classification_loss
 from scalelab.train.checkpoint import restore_training_checkpoint, save_training_checkpoint
@@ -89,6 +90,16 @@ def build_optimizer(spec: RecipeSpec, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0)
 
 
+def check_model_fits_data(spec: RecipeSpec, data: Dataset) -> None:
+    """Refuse, before anything starts, a model option the dataset cannot support."""
+    if spec.model.test_time_flip and not data.hflip_ok:
+        raise ConfigError(
+            f"model.test_time_flip averages each image with its mirror image, but '{data.name}' images "
+            "are not left-right symmetric (its metadata says hflip_ok: false, e.g. digits): set "
+            "model.test_time_flip=false"
+        )
+
+
 def bundle_meta(spec: RecipeSpec, data: Dataset, runtime: Runtime | None = None) -> dict[str, Any]:
     return {
         "recipe": spec.model_dump(mode="json"),
@@ -115,12 +126,7 @@ def fit(
     if runtime.device.type == "cuda" and world_size > 1:
         torch.cuda.set_device(runtime.device)
 
-    if spec.model.test_time_flip and not data.hflip_ok:
-        raise ValueError(
-            f"model.test_time_flip averages each image with its mirror image, but '{data.name}' images "
-            "are not left-right symmetric (its metadata says hflip_ok: false, e.g. digits): set "
-            "model.test_time_flip=false"
-        )
+    check_model_fits_data(spec, data)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(spec.model, data.channels, data.num_classes, data.image_size).to(runtime.device)
     params = count_params(model)

@@ -130,7 +130,7 @@ def main() -> None:
             "overhead = scheduling -> first training step (first epoch report minus its duration), "
             f"median of {args.overhead_trials} one-epoch msresnet_tiny trials run one at a time; "
             "gaps are full-budget best minus ASHA best (positive: ASHA missed accuracy); "
-            "machine shared with other agents while measured (wall times are noisy)"
+            "see load_average_at_end for how busy the machine was"
         ),
         "load_average_at_end": os.getloadavg()[0],
     }

@@ -32,6 +32,7 @@ MAX_PARAMS = 1_000_000
 def train(variant: str, epochs: int | None, workdir: Path) -> dict:
     from scalelab.config import load_recipe
     from scalelab.train.api import run_training
+    from scalelab.train.evaluate_cmd import evaluate_bundle
 
     overrides = [
         f"model.variant={variant}",
@@ -54,8 +55,6 @@ def train(variant: str, epochs: int | None, workdir: Path) -> dict:
         ),
     )
     wall = time.perf_counter() - started
-    from scalelab.train.evaluate_cmd import evaluate_bundle
-
     recipe = str(REPO / "pipelines" / "fashion-mnist.yaml")
     # the same weights scored both ways: what test-time flipping adds (training is the same either way)
     scored = {

@@ -7,6 +7,7 @@ stopped by process id at the end. Tests get their own experiment / bucket names.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -150,3 +151,26 @@ def digits_bundles(tmp_path_factory) -> dict:
         return out
     finally:
         os.chdir(old)
+
+
+@pytest.fixture(scope="session")
+def headless_chromium():
+    """``headless_chromium(profile_dir)``: Chromium's command line with the flags every browser test
+    needs (headless, no sandbox/GPU/network chatter, a private profile), or None if not installed."""
+
+    def command(profile_dir: str | Path) -> list[str] | None:
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        if binary is None:
+            return None
+        return [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile_dir}",
+        ]
+
+    return command

@@ -41,7 +41,9 @@ def serve_cleanup(ray_session):
     serve.shutdown()
 
 
-def test_pipeline_end_to_end_skip_rerun_and_failure(workdir, tracking_uri, ray_session, serve_cleanup):
+def test_pipeline_end_to_end_skip_rerun_and_failure(
+    workdir, tracking_uri, ray_session, serve_cleanup, headless_chromium
+):
     import mlflow
 
     over = small(free_port())
@@ -69,18 +71,12 @@ def test_pipeline_end_to_end_skip_rerun_and_failure(workdir, tracking_uri, ray_s
     assert "report/report.html" in arts
 
     # the report renders in headless Chromium (screenshot)
-    chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
+    chromium = headless_chromium(workdir / "chrome")
     if chromium:
         shot = workdir / "report.png"
         subprocess.run(
             [
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--no-first-run",
-                f"--user-data-dir={workdir / 'chrome'}",
+                *chromium,
                 f"--screenshot={shot}",
                 "--window-size=1200,2400",
                 html.resolve().as_uri(),

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -434,8 +433,8 @@ async def _cdp_demo(ws_url: str, page_url: str, image_path: str, key: str) -> di
         return {"asked": asked, "top1": top1, "bars": bars}
 
 
-def test_demo_page_in_headless_chromium(served, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+def test_demo_page_in_headless_chromium(served, tmp_path, headless_chromium):
+    chromium = headless_chromium(tempfile.mkdtemp(dir=tmp_path))
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     key = f"sk-{uuid.uuid4().hex}"
@@ -451,14 +450,7 @@ def test_demo_page_in_headless_chromium(served, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
         [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
-            f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}",
+            *chromium,
             f"--remote-debugging-port={port}",
             "--remote-allow-origins=*",
             "about:blank",

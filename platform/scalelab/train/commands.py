@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from scalelab.train.api import TrainOutcome
 
 console = Console()
 
@@ -16,18 +22,23 @@ def print_epoch(metrics: dict) -> None:
     )
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def train(
-        recipe: str = typer.Argument(..., help="Recipe YAML, e.g. pipelines/digits.yaml."),
-        overrides: list[str] = typer.Argument(None, help="Dotted overrides: train.epochs=3 model.scales=4."),
-        resume: str = typer.Option(None, "--resume", help="Run name to resume from its last checkpoint."),
-    ) -> None:
-        """Train a model from a recipe (in-process, or on Ray Train when train.workers > 0)."""
-        from scalelab.config import load_recipe
-        from scalelab.train.api import run_training
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. pipelines/digits.yaml.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Dotted overrides: train.epochs=3 model.scales=4.")
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Run name to resume from its last checkpoint.")
+    ] = None,
+) -> TrainOutcome:
+    """Train a model from a recipe (in-process, or on Ray Train when train.workers > 0)."""
+    # runs in the recipe's project (scalelab.config.project); the outcome's paths are absolute
+    from scalelab.config import load_recipe
+    from scalelab.config.project import absolute, in_project, shown
+    from scalelab.train.api import run_training
 
-        spec = load_recipe(recipe, overrides or [])
+    with in_project(absolute(recipe)) as root:
+        spec = load_recipe(absolute(recipe), overrides or [])
         console.print(
             f"[bold]train[/] {spec.name}: model {spec.model.variant or 'custom'} scales={spec.model.scales} "
             f"depths={spec.model.depths} widths={spec.model.widths}, {spec.train.epochs} epochs, "
@@ -35,15 +46,18 @@ def register(app: typer.Typer) -> None:
             highlight=False,
         )
         outcome = run_training(spec, run_name=resume, on_epoch=print_epoch)
-        m = outcome.metrics
-        if m.get("worker_node_ids"):
-            nodes = m["worker_node_ids"]
-            console.print(
-                f"workers ran on {len(set(nodes))} node(s): {' '.join(n[:12] for n in nodes)}",
-                highlight=False,
-            )
+    outcome.model_dir = root / outcome.model_dir  # unchanged when already absolute
+    m = outcome.metrics
+    if m.get("worker_node_ids"):
+        nodes = m["worker_node_ids"]
         console.print(
-            f"[bold green]done[/] run {outcome.run_name}: test_acc {m['test_acc']:.4f} "
-            f"({m['params']:,} params, {m['precision']}, {m['wall_seconds']:.1f}s) -> {outcome.model_dir}",
+            f"workers ran on {len(set(nodes))} node(s): {' '.join(n[:12] for n in nodes)}",
             highlight=False,
         )
+    console.print(
+        f"[bold green]done[/] run {outcome.run_name}: test_acc {m['test_acc']:.4f} "
+        f"({m['params']:,} params, {m['precision']}, {m['wall_seconds']:.1f}s) -> "
+        f"{shown(outcome.model_dir)}",
+        highlight=False,
+    )
+    return outcome

@@ -182,7 +182,7 @@ def _check_reachable(address: str, source: str) -> None:
         return
     timeout = runtime_settings().ray_connect_timeout_s
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):  # [::1]:6379
             return
     except OSError as exc:
         raise ClusterError(

@@ -77,11 +77,12 @@ def down(
 def status() -> list[dict[str, Any]]:
     """Show the stack's processes, whether they run, and their addresses."""
     from scalelab.cluster import stack
+    from scalelab.cluster.session import live_ray_address
 
     with in_project():
         rows = stack.status()
         state = stack.read_stack()
-        live = bool(state.get("dashboard_url")) and stack.live_ray_address() is not None
+        live = bool(state.get("dashboard_url")) and live_ray_address() is not None
     if not rows:
         console.print("no stack running (start one with `scalelab up`)")
         return rows

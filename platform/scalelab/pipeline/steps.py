@@ -179,9 +179,9 @@ def run_serve(
     from scalelab.serve.commands import deploy
 
     if not ray.is_initialized():
-        from scalelab.pipeline.commands import connect_ray
+        from scalelab.pipeline.commands import ensure_lasting_ray
 
-        connect_ray()
+        ensure_lasting_ray()
     target = f"{outputs['register']['name']}@champion"
     deployment = deploy(target, overrides, recipe, tracking_uri=spec.tracking.uri)
     return {

@@ -76,11 +76,11 @@ def deploy(
     address: str | None = None,
 ) -> Deployment:
     """Deploy TARGET (or a local bundle) on Ray Serve and return where it answers; it keeps running."""
-    import ray
     from ray import serve
 
+    from scalelab.cluster.session import connect_ray
     from scalelab.serve.deploy import app_name, build_application, parse_target
-    from scalelab.tracking.uri import read_stack, resolve_tracking_uri
+    from scalelab.tracking.uri import resolve_tracking_uri
 
     name, alias, version = parse_target(target)
     recipe = absolute(recipe) if recipe else None
@@ -90,12 +90,7 @@ def deploy(
         uri = None if bundle else resolve_tracking_uri(tracking_uri)
         if uri:
             _check_registered(name, alias, version, uri)
-        ray.init(
-            address=address or read_stack().get("ray_address"),
-            ignore_reinit_error=True,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        connect_ray(address, log_to_driver=False, configure_logging=False, include_dashboard=None)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     application = build_application(
         {

@@ -16,25 +16,6 @@ from scalelab.serve.smoke import smoke_summary
 console = Console()
 
 
-def ensure_lasting_ray() -> None:
-    """Connect through the Ray session (tests, jobs, `scalelab up`); with no head to connect to,
-    first start one of our own (by pid, in .scalelab/stack.json) so the served model outlives
-    this command."""
-    import os
-
-    import ray
-
-    from scalelab.cluster.session import connect_ray, live_ray_address
-    from scalelab.cluster.stack import up
-
-    if ray.is_initialized():
-        return
-    if not os.environ.get("RAY_ADDRESS") and live_ray_address() is None:
-        console.print("starting a local Ray head for the pipeline (stop it with `scalelab down`)")
-        up(mlflow=False, s3=False, ray=True)
-    connect_ray()  # the head's address and its token auth mode come from stack.json
-
-
 def run_pipeline(
     recipe: str | Path,
     overrides: list[str] | None = None,
@@ -45,7 +26,7 @@ def run_pipeline(
     """Run the pipeline's steps (``start``..``stop``) in the recipe's project; every step's outputs."""
     from scalelab.config import load_recipe
     from scalelab.pipeline.runner import PipelineState, run_steps
-    from scalelab.pipeline.steps import STEP_NAMES, build_steps
+    from scalelab.pipeline.steps import STEP_NAMES, build_steps, ensure_lasting_ray
 
     overrides = overrides or []
     with in_project(absolute(recipe)):

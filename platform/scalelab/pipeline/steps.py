@@ -174,14 +174,9 @@ def run_serve(
 ) -> dict[str, Any]:
     """Deploy NAME@champion on Ray Serve. On the embedded default a Ray head of our own (by pid,
     recorded in .scalelab/stack.json) hosts it, so the service outlives this command."""
-    import ray
-
     from scalelab.serve.commands import deploy
 
-    if not ray.is_initialized():
-        from scalelab.pipeline.commands import ensure_lasting_ray
-
-        ensure_lasting_ray()
+    ensure_lasting_ray()
     target = f"{outputs['register']['name']}@champion"
     deployment = deploy(target, overrides, recipe, tracking_uri=spec.tracking.uri)
     return {
@@ -190,6 +185,25 @@ def run_serve(
         "target": target,
         "champion": outputs["promote"]["champion"],
     }
+
+
+def ensure_lasting_ray() -> None:
+    """Connect through the Ray session (tests, jobs, `scalelab up`); with no head to connect to,
+    first start one of our own (by pid, in .scalelab/stack.json) so the served model outlives
+    this command."""
+    import os
+
+    import ray
+
+    from scalelab.cluster.session import connect_ray, live_ray_address
+    from scalelab.cluster.stack import up
+
+    if ray.is_initialized():
+        return
+    if not os.environ.get("RAY_ADDRESS") and live_ray_address() is None:
+        print("starting a local Ray head for the pipeline (stop it with `scalelab down`)")
+        up(mlflow=False, s3=False, ray=True)
+    connect_ray()  # the head's address and its token auth mode come from stack.json
 
 
 def serve_done(out: dict[str, Any]) -> bool:

@@ -46,6 +46,25 @@ class FitResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def default_run_name(spec: RecipeSpec) -> str:
+    return spec.train.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def fit_metrics(result: FitResult) -> dict[str, Any]:
+    """What a finished fit is summarised by (the same in local mode and on Ray)."""
+    return {
+        **result.test.as_metrics("test"),  # detection: test_map50, test_map, test_map_small, ...
+        "test_acc": result.test.accuracy,
+        "test_loss": result.test.loss,
+        "val_acc": result.val.accuracy,
+        "params": result.params,
+        "precision": result.runtime.precision,
+        "resumed_from_epoch": result.start_epoch,
+        "per_class_test_acc": result.test.per_class_accuracy,
+        "confusion": result.test.confusion.tolist() or None,  # None for detection
+    }
+
+
 def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

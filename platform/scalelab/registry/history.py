@@ -28,8 +28,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+from scalelab.artifacts.store import LOCK_TAG
 from scalelab.errors import RegistryError
-from scalelab.registry.store import HISTORY_PREFIX, LOCK_TAG
+from scalelab.registry.store import HISTORY_PREFIX
 
 
 def whoami() -> str:

@@ -7,8 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from scalelab.artifacts.bundle import load_model_bundle, read_bundle_meta
+from scalelab.artifacts.store import BUNDLE_DIR, download_run_bundle
 from scalelab.errors import RegistryError, ScalelabError
-from scalelab.registry.store import BUNDLE_DIR, download_run_bundle
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 METRICS = ("test_acc", "test_loss", "val_acc", "params")
@@ -124,8 +125,6 @@ def log_bundle_run(
 
     For bundles trained with tracking disabled (``outputs/<run>/model``), so they can be registered.
     """
-    from scalelab.train.checkpoint import read_bundle_meta
-
     bundle_dir = Path(bundle_dir)
     meta = read_bundle_meta(bundle_dir)
     exp = client.get_experiment_by_name(experiment)
@@ -152,7 +151,6 @@ def register_run(
     from mlflow.exceptions import MlflowException
 
     from scalelab.registry.gate import load_test_split
-    from scalelab.train.checkpoint import load_model_bundle, read_bundle_meta
 
     if Path(ref).is_dir() and (Path(ref) / "model.json").is_file():
         metrics_file = Path(ref).parent / "metrics.json"

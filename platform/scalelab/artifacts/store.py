@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from scalelab.artifacts.bundle import MODEL_META, WEIGHTS, read_bundle_meta, sha256_file
-from scalelab.errors import CheckpointError, RegistryError, TrackingError
+from scalelab.errors import CheckpointError, RegistryError, ScalelabError, TrackingError
 from scalelab.tracking import download_bundle
 from scalelab.tracking.uri import resolve_tracking_uri
 
@@ -57,6 +57,97 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 def _code(exc: Exception) -> str:
     return str(getattr(exc, "error_code", ""))
+
+
+AUTH_CODES = {"UNAUTHENTICATED", "PERMISSION_DENIED", "CUSTOMER_UNAUTHORIZED"}
+MISSING_CODES = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "ENDPOINT_NOT_FOUND"}
+AUTH_S3_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403"}
+MISSING_S3_CODES = {"NoSuchKey", "NoSuchBucket", "404"}
+AUTH_CLASSES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+NETWORK_CLASSES = {
+    "ConnectionError",  # the builtin (refused, reset) and requests' own
+    "Timeout",
+    "TimeoutError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "NewConnectionError",
+    "MaxRetryError",
+    "gaierror",
+}
+NETWORK_HINTS = (
+    "max retries exceeded",
+    "connection refused",
+    "failed to establish a new connection",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "timed out",
+    "timeout exception",
+    "connection aborted",
+    "remotedisconnected",
+)
+
+
+def classify_store_error(exc: BaseException) -> str:
+    """What an MLflow / artifact-store failure means: 'auth', 'network', 'missing' or 'other'.
+
+    Reads MLflow error codes, HTTP statuses (requests), S3 error codes (botocore) and the
+    exception types of the network stack, following the exception's causes.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        kind = _classify_one(current)
+        if kind != "other":
+            return kind
+        current = current.__cause__ or current.__context__
+    return "other"
+
+
+def _classify_one(exc: BaseException) -> str:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & AUTH_CLASSES:
+        return "auth"
+    if names & NETWORK_CLASSES:
+        return "network"
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        s3_code = str((response.get("Error") or {}).get("Code", ""))
+        if s3_code in AUTH_S3_CODES:
+            return "auth"
+        if s3_code in MISSING_S3_CODES:
+            return "missing"
+    status = getattr(response, "status_code", None)  # requests HTTPError
+    if status in (401, 403):
+        return "auth"
+    if status == 404:
+        return "missing"
+    code = _code(exc)
+    if code in AUTH_CODES:
+        return "auth"
+    if code in MISSING_CODES:
+        return "missing"
+    if code == "TEMPORARILY_UNAVAILABLE" or any(h in str(exc).lower() for h in NETWORK_HINTS):
+        return "network"
+    return "other"
+
+
+def store_error(exc: BaseException, action: str, uri: str) -> ScalelabError:
+    """A clear error for a failed ``action`` against ``uri`` that is not simply a missing object."""
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    kind = classify_store_error(exc)
+    if kind == "auth":
+        return TrackingError(
+            f"{action}: {uri} refused the credentials ({detail}). Set MLFLOW_TRACKING_USERNAME and "
+            f"MLFLOW_TRACKING_PASSWORD (MLflow basic auth) or the artifact store's AWS credentials, and retry"
+        )
+    if kind == "network":
+        return TrackingError(
+            f"{action}: {uri} is unreachable ({detail}). Check that the server is running "
+            f"(`scalelab up`) and its address, and retry"
+        )
+    return TrackingError(f"{action} failed at {uri}: {detail}")
 
 
 def get_model(client, name: str):

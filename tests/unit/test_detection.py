@@ -330,3 +330,29 @@ def test_short_detection_run_reaches_map_floor(workdir: Path):
         [b for b, s in zip(small["boxes"], small["scores"], strict=True) if s > 0.3]
     ).view(-1, 4)
     assert (box_iou(truth, confident).max(1).values > 0.5).float().mean() >= 0.5  # most objects found
+
+
+def test_evaluate_verb_scores_a_detection_bundle_as_training_did(workdir: Path):
+    from typer.testing import CliRunner
+
+    from scalelab.cli import app
+    from scalelab.train.api import run_training
+
+    tiny = [
+        "data.scenes.num_scenes=200",
+        "train.epochs=1",
+        "train.threads=1",
+        "tracking.enabled=false",
+        "train.run_name=det-eval",
+    ]
+    trained = run_training(load_recipe("pipelines/scenes.yaml", tiny))
+    dest = workdir / "eval.json"
+    result = CliRunner().invoke(
+        app, ["evaluate", str(trained.model_dir), "pipelines/scenes.yaml", *tiny, "--out", str(dest)]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(dest.read_text())
+    for key in ("test_acc", "test_map50", "test_map", "test_loss"):  # *_acc is mAP@0.5
+        assert metrics[key] == pytest.approx(trained.metrics[key], abs=1e-6), key
+    assert metrics["test_loss"] > 0 and metrics["confusion"] == [] and metrics["images"] == 40
+    assert metrics["same_data_as_training"] is True

@@ -78,7 +78,7 @@ def test_mismatched_spec_explained(workdir: Path):
     )
     meta_path = out.model_dir / "model.json"
     meta = json.loads(meta_path.read_text())
-    meta["recipe"]["model"]["widths"] = [32, 64, 256]
+    meta["model"]["spec"]["widths"] = [32, 64, 256]  # the spec the bundle is rebuilt from
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_model_bundle(out.model_dir)

@@ -37,10 +37,6 @@ class Predictor:
         if self.runtime.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return self.runtime.dtype
-
     @classmethod
     def from_bundle(cls, path: str | Path, info: dict[str, Any] | None = None) -> Predictor:
         """Safetensors weights + JSON spec, checksum verified; nothing is unpickled."""

@@ -174,11 +174,11 @@ def swap_under_load(bundle: Path, port: int, body: bytes, work: Path) -> dict:
     import httpx
     from ray import serve
 
-    from scalelab.artifacts.store import connect
     from scalelab.config.specs import ServeSpec
     from scalelab.registry.promote import promote
     from scalelab.registry.register import log_bundle_run, register_run
     from scalelab.serve.deploy import build_application
+    from scalelab.tracking.bundles import connect
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = connect(uri)

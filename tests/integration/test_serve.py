@@ -19,13 +19,13 @@ import httpx
 import numpy as np
 import pytest
 
-from scalelab.artifacts.store import connect
 from scalelab.cluster.services import free_port
 from scalelab.config.specs import ServeSpec
 from scalelab.registry.promote import promote
 from scalelab.registry.register import log_bundle_run, register_run
 from scalelab.serve.deploy import build_application
 from scalelab.serve.settings import key_sha256, replica_config
+from scalelab.tracking.bundles import connect
 
 pytestmark = pytest.mark.integration
 APP = "scalelab-test"

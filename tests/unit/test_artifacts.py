@@ -13,11 +13,11 @@ import torch
 from scalelab.artifacts.bundle import MODEL_META, load_model_bundle, save_model_bundle
 from scalelab.artifacts.evaluate import Images, evaluate_predictor
 from scalelab.artifacts.predictor import Predictor
-from scalelab.artifacts.store import classify_store_error
+from scalelab.config import variants
 from scalelab.config.specs import ModelSpec, RecipeSpec
 from scalelab.errors import CheckpointError, TrackingError
-from scalelab.models import create_model, list_models
-from scalelab.models import registry as model_registry
+from scalelab.models import create_model
+from scalelab.tracking.bundles import classify_store_error
 
 SHAPE = {"in_chans": 1, "num_classes": 3, "image_size": 8}
 
@@ -59,16 +59,15 @@ def test_bundle_records_the_resolved_spec(tmp_path: Path):
 
 @pytest.mark.parametrize("change", ["unregister", "redefine"])
 def test_bundle_loads_after_its_variant_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str):
-    list_models()  # variants registered before the registry is patched
     path, model = _bundle(tmp_path)
     expected = _outputs(model)
     if change == "unregister":
-        monkeypatch.delitem(model_registry._VARIANTS, "msresnet_tiny")
+        monkeypatch.delitem(variants._VARIANTS, "msresnet_tiny")
         with pytest.raises(ValueError, match="unknown model variant"):
             create_model("msresnet_tiny", **SHAPE)
     else:  # same name, another architecture: the bundle must not pick it up
         monkeypatch.setitem(
-            model_registry._VARIANTS, "msresnet_tiny", lambda: dict(depths=[2, 2], widths=[16, 32], scales=2)
+            variants._VARIANTS, "msresnet_tiny", lambda: dict(depths=[2, 2], widths=[16, 32], scales=2)
         )
     loaded, meta = load_model_bundle(path)
     assert loaded.spec.depths == model.spec.depths and loaded.spec.widths == model.spec.widths
@@ -88,8 +87,7 @@ def test_old_bundles_load_from_their_recipe(tmp_path: Path, monkeypatch: pytest.
     loaded, _ = load_model_bundle(path)
     assert torch.equal(_outputs(loaded), _outputs(model))
     # an old bundle needs its variant: without it, a clear error rather than a wrong model
-    list_models()
-    monkeypatch.delitem(model_registry._VARIANTS, "msresnet_tiny")
+    monkeypatch.delitem(variants._VARIANTS, "msresnet_tiny")
     with pytest.raises(CheckpointError, match="predates resolved specs.*msresnet_tiny"):
         load_model_bundle(path)
 

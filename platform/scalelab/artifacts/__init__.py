@@ -1,7 +1,7 @@
 """Model artifacts and inference: what a trained model is on disk and how anything runs it.
 
-Below ``train/``, ``tune/``, ``registry/`` and ``serve/``, above ``models/`` and ``config/``
-(and ``tracking/``, for MLflow addresses); it never imports ``data/`` or anything above.
+Above ``models/`` and ``config/``, below ``data/``, ``tracking/``, ``train/``, ``tune/``,
+``registry/`` and ``serve/``: it imports none of them.
 
 - ``bundle``: the bundle format (``model.safetensors`` + ``model.json``, sha256 checked) with the
   fully resolved model spec, so a bundle loads whatever happens to the variant registry later.
@@ -10,6 +10,7 @@ Below ``train/``, ``tune/``, ``registry/`` and ``serve/``, above ``models/`` and
 - ``predictor``: ``Predictor``, a loaded bundle that classifies or detects (Serve, gate, batch).
 - ``evaluate``: the one evaluation (classifier accuracy/confusion, detector COCO mAP) used by
   training, ``scalelab evaluate``, the search's best-trial check and the promotion gate.
-- ``store``: bundles in MLflow (runs' ``bundle/`` artifacts, registered versions with verified
-  weights), read by the registry and by Serve alike.
+
+Bundles kept in MLflow (a run's ``bundle/``, registered versions with verified weights) are found
+by ``tracking.bundles``, which the registry and Serve share.
 """

@@ -28,9 +28,9 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from scalelab.artifacts.store import LOCK_TAG
 from scalelab.errors import RegistryError
 from scalelab.registry.store import HISTORY_PREFIX
+from scalelab.tracking.bundles import LOCK_TAG
 
 
 def whoami() -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from scalelab.artifacts.bundle import MODEL_META, load_model_bundle, read_bundle_meta
-from scalelab.artifacts.store import BUNDLE_DIR, classify_store_error, download_run_bundle, store_error
 from scalelab.errors import RegistryError, ScalelabError
+from scalelab.tracking.bundles import BUNDLE_DIR, classify_store_error, download_run_bundle, store_error
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 METRICS = ("test_acc", "test_loss", "val_acc", "params")

@@ -1,8 +1,8 @@
-"""The registry's own names on top of ``artifacts.store``: the @champion alias and promotion history."""
+"""The registry's own names on top of ``tracking.bundles``: the @champion alias and promotion history."""
 
 from __future__ import annotations
 
-from scalelab.artifacts.store import get_model
+from scalelab.tracking.bundles import get_model
 
 CHAMPION = "champion"
 HISTORY_PREFIX = "scalelab.history."

@@ -1,10 +1,12 @@
-"""Where bundles are kept: MLflow runs and registered versions, read with clear errors.
+"""Bundles in MLflow: runs' ``bundle/`` artifacts and registered versions, read with clear errors.
 
 A registered version points at the MLflow run that trained it; the run's ``bundle/`` artifacts
 (``model.safetensors`` + ``model.json``) are what gates and replicas load. The version's
 ``weights_sha256`` tag, written at registration, is checked against the downloaded weights so a
 file changed in the artifact store after registration is refused, never served. The registry
-(register, promote, rollback) and Serve both read bundles through here; only the registry writes.
+(register, promote, rollback) and Serve both read bundles through here (so neither imports the
+other); only the registry writes. Failures say what happened: credentials refused, server
+unreachable, or truly no bundle (:func:`classify_store_error`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from scalelab.artifacts.bundle import MODEL_META, WEIGHTS, read_bundle_meta, sha256_file
 from scalelab.errors import CheckpointError, RegistryError, ScalelabError, TrackingError
-from scalelab.tracking import download_bundle
+from scalelab.tracking.runs import download_bundle
 from scalelab.tracking.uri import resolve_tracking_uri
 
 BUNDLE_DIR = "bundle"  # a run's artifact folder holding its model bundle

@@ -23,9 +23,9 @@ from scalelab.cluster.services import free_port
 from scalelab.config.specs import ServeSpec
 from scalelab.registry.promote import promote
 from scalelab.registry.register import log_bundle_run, register_run
-from scalelab.registry.store import connect
 from scalelab.serve.deploy import build_application
 from scalelab.serve.settings import key_sha256, replica_config
+from scalelab.tracking.bundles import connect
 
 pytestmark = pytest.mark.integration
 APP = "scalelab-test"
@@ -87,8 +87,8 @@ def local_ray(request):
 def served(local_ray, mlflow_server, digits_bundles, tmp_path_factory):
     from ray import serve
 
+    from scalelab.artifacts.bundle import read_bundle_meta
     from scalelab.registry.gate import load_test_split
-    from scalelab.train.checkpoint import read_bundle_meta
 
     old_cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("serve-work"))  # the gate prepares held-out data here
@@ -123,7 +123,7 @@ def served(local_ray, mlflow_server, digits_bundles, tmp_path_factory):
 
 
 def test_predicts_held_out_pngs_like_offline_evaluation(served):
-    from scalelab.serve.predictor import Predictor
+    from scalelab.artifacts.predictor import Predictor
 
     info = httpx.get(f"{served.url}/v1/model").json()
     assert info["version"] == served.versions["good"] and info["alias"] == "champion"

@@ -115,7 +115,7 @@ def run_train(spec: RecipeSpec, outputs: dict[str, Any], overrides: list[str]) -
 # ----------------------------------------------------------------------------- registry
 def run_register(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
     from scalelab.registry.register import register_run
-    from scalelab.registry.store import connect
+    from scalelab.tracking.bundles import connect
     from scalelab.tracking.uri import resolve_tracking_uri
 
     train = outputs["train"]
@@ -127,7 +127,8 @@ def run_register(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
 
 def run_promote(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
     from scalelab.registry.promote import promote
-    from scalelab.registry.store import champion, connect
+    from scalelab.registry.store import champion
+    from scalelab.tracking.bundles import connect
     from scalelab.tracking.uri import resolve_tracking_uri
 
     reg = outputs["register"]

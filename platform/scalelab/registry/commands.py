@@ -13,7 +13,7 @@ console = Console(width=160)
 
 
 def _client(uri: str | None):
-    from scalelab.registry.store import connect
+    from scalelab.tracking.bundles import connect
 
     return connect(uri)
 
@@ -109,7 +109,7 @@ def add_model_commands(models_app: typer.Typer) -> None:
         tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow URI (default: resolved)."),
     ) -> None:
         """Registered models with their versions and aliases."""
-        from scalelab.registry.store import is_lock, list_versions
+        from scalelab.tracking.bundles import is_lock, list_versions
 
         client = _client(tracking_uri)
         table = Table(title="registered models")
@@ -139,7 +139,7 @@ def add_model_commands(models_app: typer.Typer) -> None:
     ) -> None:
         """Versions (metrics, lineage, aliases) and the promotion history of one model."""
         from scalelab.registry.history import read_history
-        from scalelab.registry.store import get_model, list_versions, version_info
+        from scalelab.tracking.bundles import get_model, list_versions, version_info
 
         client = _client(tracking_uri)
         model = get_model(client, name)

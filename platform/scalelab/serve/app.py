@@ -25,8 +25,8 @@ from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scalelab.serve.predictor import Predictor
-from scalelab.serve.preprocess import BadInput, decode_array, decode_base64, decode_image_bytes
+from scalelab.artifacts.predictor import Predictor
+from scalelab.artifacts.preprocess import BadInput, decode_array, decode_base64, decode_image_bytes
 from scalelab.serve.settings import ReplicaConfig, key_sha256
 
 log = logging.getLogger("ray.serve")
@@ -222,7 +222,7 @@ def load_predictor(cfg: ReplicaConfig, version: str | None = None, cache: Path |
             cfg.bundle_path,
             {"name": cfg.model_name or "local", "version": "local", "source": cfg.bundle_path},
         )
-    from scalelab.registry.store import (
+    from scalelab.tracking.bundles import (
         connect,
         fetch_version_bundle,
         get_version,
@@ -244,7 +244,7 @@ def load_predictor(cfg: ReplicaConfig, version: str | None = None, cache: Path |
 
 
 def current_alias_version(cfg: ReplicaConfig) -> str:
-    from scalelab.registry.store import connect, version_by_alias
+    from scalelab.tracking.bundles import connect, version_by_alias
 
     return str(version_by_alias(connect(cfg.tracking_uri), cfg.model_name, cfg.alias).version)
 
@@ -460,10 +460,3 @@ class ModelServer:
     @api.get("/", response_class=HTMLResponse, summary="Demo page")
     async def demo(self) -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text())
-
-
-def app_builder(args: dict[str, Any]):
-    """Serve config entry point (``import_path: scalelab.serve.app:app_builder``)."""
-    from scalelab.serve.deploy import build_application
-
-    return build_application(args)

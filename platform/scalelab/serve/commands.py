@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
 
         uri = None if bundle else resolve_tracking_uri(tracking_uri)
         if uri:
-            from scalelab.registry.store import connect, fetch_version_bundle, resolve_version
+            from scalelab.tracking.bundles import connect, fetch_version_bundle, resolve_version
 
             client = connect(uri)  # fail here, clearly, rather than in a replica
             mv = resolve_version(client, name, version, None if version else alias)

@@ -295,9 +295,7 @@ def log_pytorch_model(target: RunTarget, model: Any, example: Any) -> Any:
     import torch
     from mlflow.models import infer_signature
 
-    from scalelab.train.checkpoint import unwrap
-
-    net = unwrap(model).float().eval().cpu()
+    net = getattr(model, "module", model).float().eval().cpu()  # the model inside DDP
     x = np.asarray(example, dtype=np.float32)
     if x.shape[0] < 2:
         x = np.concatenate([x, x])

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from scalelab.artifacts.bundle import load_model_bundle, read_bundle_meta, save_model_bundle
+from scalelab.artifacts.preprocess import normalise_images
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.catalog import load_dataset, prepared_path
 from scalelab.errors import ConfigError
-from scalelab.train.checkpoint import load_model_bundle, save_model_bundle
 from scalelab.train.loop import FitResult, bundle_meta, check_model_fits_data
 
 
@@ -49,10 +50,7 @@ def fit_metrics(result: FitResult) -> dict[str, Any]:
 
 def example_batch(data, n: int = 2) -> np.ndarray:
     """``n`` normalised test images, float32 (n, C, H, W): the MLflow model's input example."""
-    x = data.splits["test"].x[:n].astype(np.float32).transpose(0, 3, 1, 2)
-    mean = np.asarray(data.mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
-    std = np.asarray(data.std, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
-    return (x - mean) / std
+    return normalise_images(data.splits["test"].x[:n], data.mean, data.std).numpy()
 
 
 def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -> TrainOutcome:
@@ -172,7 +170,6 @@ def _finish(
     (out / "metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2, default=float))
     figures = []
     if spec.model.task == "detection":  # test images with predicted (red) and true (green) boxes
-        from scalelab.train.checkpoint import read_bundle_meta
         from scalelab.train.detection import write_prediction_images
 
         figures = write_prediction_images(model, data.splits["test"], read_bundle_meta(model_dir), out)

@@ -20,16 +20,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scalelab.artifacts.evaluate import EvalResult, evaluate_model
+from scalelab.artifacts.hardware import Runtime
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.dataset import Dataset
 from scalelab.data.loader import TensorLoader, allowed_augment
 from scalelab.errors import ConfigError
+from scalelab.models.detection_loss import detection_loss
 from scalelab.models.factory import build_model, count_params
 from scalelab.models.resnet import classification_loss
 from scalelab.train.checkpoint import restore_training_checkpoint, save_training_checkpoint
-from scalelab.train.detection import DetectionLoader, detection_loss, evaluate_detection
-from scalelab.train.evaluate import EvalResult, evaluate
-from scalelab.train.runtime import Runtime, seed_everything, select_runtime, set_threads
+from scalelab.train.detection import DetectionLoader
+from scalelab.train.runtime import seed_everything, select_runtime, set_threads
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 
@@ -137,7 +139,6 @@ def fit(
     micro = per_worker_batch(t.batch_size, world_size, t.grad_accum_steps)
     detection = spec.model.task == "detection"  # boxes in, mAP out; the rest of the loop is shared
     Loader = DetectionLoader if detection else TensorLoader  # noqa: N806
-    evaluate_split = evaluate_detection if detection else evaluate
     loader_args = dict(
         mean=data.mean, std=data.std, device=runtime.device, channels_last=runtime.channels_last
     )
@@ -176,7 +177,7 @@ def fit(
     val = None
     for epoch in range(start_epoch, t.epochs):
         metrics = train_one_epoch(spec, train_model, train_loader, optimizer, scheduler, runtime, epoch)
-        val = evaluate_split(model, val_loader, data.num_classes, runtime)
+        val = evaluate_model(model, val_loader, data.num_classes, runtime)
         metrics.update(val.as_metrics("val"))
         metrics.update(epoch=epoch + 1, params=params, world_size=world_size, resumed_from=start_epoch)
         history.append(metrics)
@@ -201,8 +202,8 @@ def fit(
             break
 
     if val is None:  # resumed after the last epoch: nothing left to train
-        val = evaluate_split(model, val_loader, data.num_classes, runtime)
-    test = evaluate_split(model, test_loader, data.num_classes, runtime)
+        val = evaluate_model(model, val_loader, data.num_classes, runtime)
+    test = evaluate_model(model, test_loader, data.num_classes, runtime)
     return FitResult(model, history, test, val, runtime, params, start_epoch)
 
 

@@ -232,8 +232,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         epoch_logger.close()
     if rank != 0:
         return None
+    from scalelab.artifacts.bundle import save_model_bundle
     from scalelab.train.api import fit_metrics
-    from scalelab.train.checkpoint import save_model_bundle
     from scalelab.train.loop import bundle_meta
 
     with tempfile.TemporaryDirectory(prefix="scalelab-bundle-") as tmp:

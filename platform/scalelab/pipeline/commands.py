@@ -45,6 +45,21 @@ def run_pipeline(
     return run_steps(build_steps(spec, Path(recipe), overrides), state, rerun, start, stop, log=log)
 
 
+def print_run_locations(out: dict) -> None:
+    """The training run (and the search's parent run): ids, store, and how to look at them."""
+    from scalelab.tracking.ui import run_location
+
+    train = out.get("train") or {}
+    uri = train.get("tracking_uri")
+    if not (uri and train.get("run_id")):
+        return
+    parent = (out.get("tune") or {}).get("parent_run_id")
+    if parent:
+        console.print(f"search: MLflow parent run {parent}", highlight=False)
+    for line in run_location(uri, train["run_id"]):
+        console.print(line.replace("MLflow run", "training: MLflow run"), highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     pipeline_app = typer.Typer(help="The whole path of one model, step by step.", no_args_is_help=True)
     app.add_typer(pipeline_app, name="pipeline")
@@ -60,6 +75,7 @@ def register(app: typer.Typer) -> None:
         began = time.perf_counter()
         out = run_pipeline(recipe, overrides or [], start, stop)
         console.print(f"[bold green]pipeline done[/] in {time.perf_counter() - began:.0f}s", highlight=False)
+        print_run_locations(out)
         if "smoke" in out:
             s = out["smoke"]
             console.print(

@@ -98,12 +98,13 @@ def run_train(spec: RecipeSpec, outputs: dict[str, Any], overrides: list[str]) -
     best = RecipeSpec.model_validate(recipe_to_dict(best))
     # a fresh run each time the step runs (whether it runs is the fingerprint's business)
     run_name = f"{spec.name}-best-{time.strftime('%Y%m%d-%H%M%S')}"
-    outcome = run_training(best, run_name=run_name)
+    outcome = run_training(best, run_name=run_name, progress=True)
     out_dir = outcome.model_dir.parent
     dump_recipe(best, out_dir / "recipe.yaml")
     return {
         "run_name": outcome.run_name,
         "run_id": outcome.run_id,
+        "tracking_uri": outcome.tracking_uri,
         "model_dir": str(outcome.model_dir),
         "metrics_file": str(out_dir / "metrics.json"),
         "test_acc": outcome.metrics["test_acc"],

@@ -25,7 +25,24 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def ui(host: str = "127.0.0.1", port: int | None = None, tracking_uri: str | None = None) -> None:
+def _print_run_link(ui_url: str, tracking_uri: str, run_id: str | None) -> None:
+    from scalelab.tracking.ui import experiment_of, run_url
+
+    if not run_id:
+        return
+    experiment_id = experiment_of(tracking_uri, run_id)
+    if experiment_id is None:
+        console.print(f"[yellow]run {run_id} not found in {tracking_uri}[/]", highlight=False)
+        return
+    console.print(f"run            {run_url(ui_url, experiment_id, run_id)}", highlight=False)
+
+
+def ui(
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+) -> None:
     """Start the MLflow UI on the project's store (or print the server's URL); block until stopped."""
     from scalelab.cluster.services import free_port, start_mlflow_server
     from scalelab.tracking.ui import plan_ui
@@ -35,6 +52,7 @@ def ui(host: str = "127.0.0.1", port: int | None = None, tracking_uri: str | Non
     dashboard = ray_dashboard_url()
     if plan.existing_url:
         console.print(f"MLflow UI      {plan.existing_url}  (the tracking server itself)", highlight=False)
+        _print_run_link(plan.existing_url, plan.tracking_uri, run_id)
         if dashboard:
             console.print(f"Ray dashboard  {dashboard}", highlight=False)
         return
@@ -50,6 +68,7 @@ def ui(host: str = "127.0.0.1", port: int | None = None, tracking_uri: str | Non
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill PID` stops it like Ctrl-C
     try:
         console.print(f"MLflow UI      {svc.url}", highlight=False)
+        _print_run_link(svc.url, plan.tracking_uri, run_id)
         if dashboard:
             console.print(f"Ray dashboard  {dashboard}", highlight=False)
         console.print(f"(server log: {svc.log}; Ctrl-C stops the UI)", highlight=False)
@@ -75,8 +94,11 @@ def register(app: typer.Typer) -> None:
         tracking_uri: str = typer.Option(
             None, "--tracking-uri", help="Store to show (default: $MLFLOW_TRACKING_URI, stack, embedded)."
         ),
+        run_id: str = typer.Option(None, "--run", help="Also print the UI link of this MLflow run."),
     ) -> None:
         """Open the MLflow UI (runs, searches, registry) on this project's store; Ctrl-C stops it."""
         if host not in ("127.0.0.1", "localhost"):
-            console.print(f"[yellow]warning[/]: the MLflow UI on {host} has no authentication", highlight=False)
-        ui(host=host, port=port, tracking_uri=tracking_uri)
+            console.print(
+                f"[yellow]warning[/]: the MLflow UI on {host} has no authentication", highlight=False
+            )
+        ui(host=host, port=port, tracking_uri=tracking_uri, run_id=run_id)

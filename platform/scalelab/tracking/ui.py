@@ -48,3 +48,29 @@ def plan_ui(tracking_uri: str) -> UiPlan:
 def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
     """The MLflow UI page of one run."""
     return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def experiment_of(tracking_uri: str, run_id: str) -> str | None:
+    """The experiment id of a run (None when the store cannot say: the hint then omits the link)."""
+    from mlflow import MlflowClient
+
+    from scalelab.tracking.resilient import quick_requests
+
+    try:
+        with quick_requests(5):
+            return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a hint is best effort
+        return None
+
+
+def run_location(tracking_uri: str, run_id: str, experiment_id: str | None = None) -> list[str]:
+    """Lines a verb prints for each MLflow run it creates: the id, the store, how to look at it."""
+    lines = [f"MLflow run {run_id} at {tracking_uri}"]
+    plan = plan_ui(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else None
+    if plan is not None:
+        experiment_id = experiment_id or experiment_of(tracking_uri, run_id)
+        if experiment_id is not None:
+            lines.append(f"view it: {run_url(plan.existing_url, experiment_id, run_id)}")
+            return lines
+    lines.append(f"view it: scalelab ui --run {run_id}")
+    return lines

@@ -26,6 +26,8 @@ class TrainOutcome:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     run_id: str | None = None  # the MLflow run, when tracking is enabled
+    tracking_uri: str | None = None  # where that run is
+    experiment_id: str | None = None
 
 
 def default_run_name(spec: RecipeSpec) -> str:
@@ -55,8 +57,12 @@ def example_batch(data, n: int = 2) -> np.ndarray:
     return (x - mean) / std
 
 
-def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -> TrainOutcome:
+def run_training(
+    spec: RecipeSpec, run_name: str | None = None, on_epoch=None, progress: bool = False
+) -> TrainOutcome:
     """Train per the recipe: in-process when ``train.workers == 0``, else on Ray Train.
+
+    ``progress``: rank 0 shows progress within each epoch (a bar on a terminal, plain lines else).
 
     A run name seen before resumes from its latest checkpoint (and continues its MLflow run).
     With tracking enabled, everything is logged to MLflow and ``run_id`` is returned.
@@ -90,9 +96,9 @@ def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -
             tag_ray_job(target)
         try:
             if mode == "ray":
-                outcome = _train_on_ray(spec, data, name, target, started, timing)
+                outcome = _train_on_ray(spec, data, name, target, started, timing, progress)
             else:
-                outcome = _train_local(spec, data, name, target, started, on_epoch)
+                outcome = _train_local(spec, data, name, target, started, on_epoch, progress)
         except BaseException as exc:
             if target is not None:
                 end_run(target, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -107,9 +113,10 @@ def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -
             ray.shutdown()
 
 
-def _train_local(spec, data, name, target, started, on_epoch) -> TrainOutcome:
+def _train_local(spec, data, name, target, started, on_epoch, progress=False) -> TrainOutcome:
     from scalelab.tracking.runs import EpochLogger
     from scalelab.train.local import CheckpointKeeper, run_local
+    from scalelab.train.progress import progress_for
 
     run_dir = Path(spec.train.storage_path) / name
     epoch_logger = EpochLogger(target, role="local") if target is not None else None
@@ -120,7 +127,9 @@ def _train_local(spec, data, name, target, started, on_epoch) -> TrainOutcome:
         if on_epoch is not None:
             on_epoch(metrics)
 
-    result = run_local(spec, data, run_dir, on_epoch=each_epoch)
+    result = run_local(
+        spec, data, run_dir, on_epoch=each_epoch, progress=progress_for(0) if progress else None
+    )
     if epoch_logger is not None:
         epoch_logger.close()
     metrics = {**fit_metrics(result), "wall_seconds": time.perf_counter() - started}
@@ -140,10 +149,10 @@ def _train_local(spec, data, name, target, started, on_epoch) -> TrainOutcome:
     )
 
 
-def _train_on_ray(spec, data, name, target, started, timing) -> TrainOutcome:
+def _train_on_ray(spec, data, name, target, started, timing, progress=False) -> TrainOutcome:
     from scalelab.train.ray_trainer import run_on_ray
 
-    res = run_on_ray(spec, data, name, tracking=target)
+    res = run_on_ray(spec, data, name, tracking=target, progress=progress)
     metrics = {
         **res["metrics"],
         "wall_seconds": time.perf_counter() - started,
@@ -189,4 +198,12 @@ def _finish(
             example=example_batch(data),
             figures=figures,
         )
-    return TrainOutcome(name, model_dir, metrics, history, target.run_id if target else None)
+    return TrainOutcome(
+        name,
+        model_dir,
+        metrics,
+        history,
+        target.run_id if target else None,
+        target.uri if target else None,
+        target.experiment_id if target else None,
+    )

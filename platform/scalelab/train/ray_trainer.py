@@ -107,6 +107,7 @@ def build_torch_trainer(
     run_config: Any | None = None,
     run_name: str | None = None,
     tracking: Any | None = None,
+    progress: bool = False,
 ):
     """A ``TorchTrainer`` running :func:`train_worker` on ``train.workers`` workers (at least 1).
 
@@ -143,6 +144,7 @@ def build_torch_trainer(
         "tracking": tracking.to_dict() if tracking is not None else None,
         "fault": parse_fault(os.environ.get(FAULT_ENV)),
         "submitted_at": time.time(),
+        "progress": progress,
     }
     return TorchTrainer(
         train_worker,
@@ -176,6 +178,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import torch
 
     from scalelab.train.loop import fit
+    from scalelab.train.progress import progress_for
 
     started = time.time()
     spec = RecipeSpec.model_validate(config["spec"])
@@ -232,7 +235,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if checkpoint is not None:
             resume_from = checkpoint.to_directory(tmp)  # a local copy, also when storage is S3
         timing["data_loaded"] = time.time()
-        result = fit(spec, data, report=report, resume_from=resume_from, device=device)
+        # progress within an epoch: rank 0 only (a worker's stdout is no terminal: plain lines)
+        progress = progress_for(rank) if config.get("progress") else None
+        result = fit(spec, data, report=report, resume_from=resume_from, device=device, progress=progress)
     node_ids = _gather_node_ids()
     if epoch_logger is not None:
         epoch_logger.close()
@@ -313,12 +318,14 @@ def tune_ray_train_startup() -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-def run_on_ray(spec: RecipeSpec, data, run_name: str, tracking: Any | None = None) -> dict[str, Any]:
+def run_on_ray(
+    spec: RecipeSpec, data, run_name: str, tracking: Any | None = None, progress: bool = False
+) -> dict[str, Any]:
     """Fit on Ray Train (connected by the caller); returns rank 0's result and a local copy of the
     latest checkpoint (``checkpoint_dir``, the caller removes it)."""
     from scalelab.errors import ScalelabError
 
-    trainer = build_torch_trainer(spec, data.version, run_name=run_name, tracking=tracking)
+    trainer = build_torch_trainer(spec, data.version, run_name=run_name, tracking=tracking, progress=progress)
     try:
         result = trainer.fit()
     except Exception as exc:

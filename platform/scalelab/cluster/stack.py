@@ -91,6 +91,13 @@ def _wait_port(host: str, port: int, timeout: float, svc: Service, ready_line: s
     raise ScalelabError(f"{svc.name} did not open {host}:{port} within {timeout:.0f}s (log: {svc.log})")
 
 
+def quiet_serve_env() -> dict[str, str]:
+    """Ray Serve logs every request (proxy and replica access lines) to stderr, which Ray streams to
+    every connected driver's console: hundreds of lines for a smoke test. With this, Serve's logs
+    (access lines included) go only to files in Ray's log folder (``<ray_logs>/serve/``)."""
+    return {"RAY_SERVE_LOG_TO_STDERR": os.environ.get("RAY_SERVE_LOG_TO_STDERR", "0")}
+
+
 def _node_args(host: str, ports: dict[str, int]) -> list[str]:
     """Flags every node on this machine needs: its IP, and free ports for its agents, so several
     raylets (head and workers) can run side by side."""
@@ -145,14 +152,24 @@ def start_ray_head(
     # Token authentication (Ray's default when ~/.ray/auth_token exists) made explicit: drivers
     # that connect must then say so too (stack.json's ray_auth_mode; connect_ray reads it).
     auth = os.environ.get("RAY_AUTH_MODE", "token")
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": auth}
+    env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_AUTH_MODE": auth,
+        **quiet_serve_env(),
+    }
     if (
         auth == "token"
         and not (Path.home() / ".ray" / "auth_token").is_file()
         and not os.environ.get("RAY_AUTH_TOKEN")
     ):
+        import logging
+
         from ray._private.authentication.authentication_token_setup import generate_and_save_token
 
+        # Ray logs "Generated new authentication token and saved to ..." at INFO on the console of
+        # whoever starts the head; the token file is Ray's documented default, nothing to act on.
+        logging.getLogger(generate_and_save_token.__module__).setLevel(logging.WARNING)
         generate_and_save_token()
     proc = _spawn("ray", cmd, log, env)
     svc = Service("ray", proc.pid, f"{host}:{port}", str(log))
@@ -164,7 +181,11 @@ def start_ray_head(
     except ScalelabError:
         svc.stop()
         raise
-    addresses = {"ray_address": f"{host}:{port}", "ray_auth_mode": auth}
+    addresses = {
+        "ray_address": f"{host}:{port}",
+        "ray_auth_mode": auth,
+        "ray_logs": str(temp_dir / "session_latest" / "logs"),  # Serve's access logs: serve/
+    }
     if dashboard:
         addresses["dashboard_url"] = f"http://{host}:{ports['dashboard']}"
     return svc, addresses
@@ -194,9 +215,13 @@ def start_ray_worker(
         str(ports["metrics"]),
         "--resources",
         json.dumps({f"scalelab_worker_{index}": 1}),
+        # A node of its own log folder: without it a worker node on this machine shares the head's
+        # session logs, and every node's log monitor streams every worker's lines (3 nodes: 3x).
+        "--temp-dir",
+        str(Path(tempfile.gettempdir()) / f"scalelab-ray-{head_address.rsplit(':', 1)[-1]}-w{index}"),
     ]
     log = state / f"ray-worker-{index}-{ports['agent_grpc']}.log"
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **quiet_serve_env()}
     if auth_mode:
         env["RAY_AUTH_MODE"] = auth_mode
     proc = _spawn("ray-worker", cmd, log, env)
@@ -330,6 +355,7 @@ def down(names: list[str] | None = None) -> list[Service]:
         if svc.name == "ray":
             stack.pop("dashboard_url", None)
             stack.pop("ray_auth_mode", None)
+            stack.pop("ray_logs", None)
     stack["services"] = [s.to_dict() for s in kept]
     if kept:
         write_stack(stack)

@@ -45,6 +45,15 @@ def run_pipeline(
     return run_steps(build_steps(spec, Path(recipe), overrides), state, rerun, start, stop, log=log)
 
 
+def print_log_locations() -> None:
+    """Where the quiet console's details went: Ray's and Serve's logs, the stack's own logs."""
+    from scalelab.cluster.stack import STATE_DIR, read_stack
+
+    ray_logs = read_stack().get("ray_logs")
+    where = f"Ray {ray_logs} (Serve's request logs in serve/), " if ray_logs else ""
+    console.print(f"logs: {where}stack processes {STATE_DIR / 'stack'}/", highlight=False, soft_wrap=True)
+
+
 def print_run_locations(out: dict) -> None:
     """The training run (and the search's parent run): ids, store, and how to look at them."""
     from scalelab.tracking.ui import run_location
@@ -57,7 +66,7 @@ def print_run_locations(out: dict) -> None:
     if parent:
         console.print(f"search: MLflow parent run {parent}", highlight=False)
     for line in run_location(uri, train["run_id"]):
-        console.print(line.replace("MLflow run", "training: MLflow run"), highlight=False)
+        console.print(line.replace("MLflow run", "training: MLflow run"), highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -90,3 +99,4 @@ def register(app: typer.Typer) -> None:
             )
         if "serve" in out:
             console.print("the service keeps running on the local Ray head; `scalelab down` stops it")
+        print_log_locations()

@@ -22,7 +22,7 @@ def print_run_location(outcome) -> None:
 
     if outcome.run_id and outcome.tracking_uri:
         for line in run_location(outcome.tracking_uri, outcome.run_id, outcome.experiment_id):
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -172,11 +172,25 @@ def _load_worker_data(config: dict[str, Any], spec: RecipeSpec):
     return data
 
 
+def quiet_train_report_log() -> None:
+    """Ray Train V2 logs ``Reporting training result N: TrainingReport(...)`` at INFO for every
+    report, on a logger named by its file path (outside ``ray.train``, so ``LoggingConfig`` does not
+    reach it) and it lands in the job's console between our epoch lines. Raise that one logger."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Body of every Ray Train worker: ``fit`` with Ray's checkpoint in and ``ray.train.report`` out."""
     import ray.train
     import torch
 
+    quiet_train_report_log()
     from scalelab.train.loop import fit
     from scalelab.train.progress import progress_for
 
@@ -286,7 +300,11 @@ def connect_ray(num_cpus: int | None = None) -> bool:
             _reload_ray_config()
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local": a new instance, never whatever head someone else started on this machine
+        # "local": a new instance, never whatever head someone else started on this machine; its
+        # Serve logs (one access line per request) go to files, not to this console
+        from scalelab.cluster.stack import quiet_serve_env
+
+        os.environ.update(quiet_serve_env())
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return True
 

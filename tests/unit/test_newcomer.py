@@ -118,3 +118,45 @@ def test_model_export_of_a_channels_last_model_warns_nothing(tmp_path: Path):
         warnings.filterwarnings("error", category=UserWarning, module=r"torch\..*")
         log_pytorch_model(target, model, np.zeros((2, 1, 8, 8), np.float32))
     assert next(model.parameters()).is_contiguous(memory_format=torch.channels_last)  # untouched
+
+
+# ----------------------------------------------------------------------------- the search table
+def _rows(n: int) -> list[dict]:
+    return [
+        {
+            "trial_id": f"trial_{i:05d}_abcdef",
+            "status": "completed" if i % 2 else "stopped",
+            "val_acc": 0.9 + i / 1000,
+            "epochs": 4,
+            "params": 123_456 + i,
+            "startup_s": 1.23,
+            "model.scales": [1, 2, 4][i % 3],
+            "model.widths": [32, 64, 128],
+            "train.lr": 0.0123,
+            "train.weight_decay": 5e-05,
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("width", [80, 60, 200])
+def test_search_table_fits_the_terminal_and_keeps_readable_columns(width: int):
+    from rich.console import Console
+
+    from scalelab.tune.report import print_summary
+
+    space = ["model.scales", "model.widths", "train.lr", "train.weight_decay"]
+    console = Console(width=width, record=True, force_terminal=False, color_system=None)
+    print_summary(console, _rows(14)[::-1], space, "val_acc")  # best first, as sort_rows gives
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width
+    header = next(line for line in lines if "status" in line)
+    assert "val_acc" in header and "#" in header
+    assert "┃┃" not in text and "││" not in text  # no column squeezed to nothing
+    assert "0.9130" in text  # the best value is printed whole
+    assert "2 more row(s)" in text and "results.csv" in text
+    if width >= 200:
+        assert "left out" not in text and "weight_decay" in header
+    else:
+        assert "left out to fit" in text

@@ -160,3 +160,45 @@ def test_search_table_fits_the_terminal_and_keeps_readable_columns(width: int):
         assert "left out" not in text and "weight_decay" in header
     else:
         assert "left out to fit" in text
+
+
+# ----------------------------------------------------------------------------- benchmarks vs a running stack
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _stack_with(folder: Path, pid: int) -> None:
+    (folder / ".scalelab").mkdir(parents=True, exist_ok=True)
+    (folder / ".scalelab" / "stack.json").write_text(
+        '{"services": [{"name": "ray", "pid": %d, "url": "x", "log": "x"}]}' % pid
+    )
+
+
+def test_benchmarks_refuse_to_start_while_a_stack_runs(tmp_path: Path, monkeypatch, capsys):
+    import os
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import refuse_while_stack_runs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _stack_with(tmp_path, dead.pid)
+    refuse_while_stack_runs([tmp_path])  # a stack file of stopped processes: measure
+    _stack_with(tmp_path, os.getpid())
+    with pytest.raises(SystemExit) as exc:
+        refuse_while_stack_runs([tmp_path])
+    assert exc.value.code == 2 and "make down" in capsys.readouterr().err
+    monkeypatch.setenv("SCALELAB_BENCH_WITH_STACK", "1")
+    refuse_while_stack_runs([tmp_path])  # told to: runs, still warning loudly
+    assert "A scalelab stack is running" in capsys.readouterr().err
+    monkeypatch.delenv("SCALELAB_BENCH_WITH_STACK")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "digits.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO / "platform")},
+    )
+    assert proc.returncode == 2 and "scalelab down" in proc.stderr, proc.stderr[-2000:]

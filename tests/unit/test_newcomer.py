@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 
@@ -168,9 +169,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _stack_with(folder: Path, pid: int) -> None:
     (folder / ".scalelab").mkdir(parents=True, exist_ok=True)
-    (folder / ".scalelab" / "stack.json").write_text(
-        '{"services": [{"name": "ray", "pid": %d, "url": "x", "log": "x"}]}' % pid
-    )
+    stack = {"services": [{"name": "ray", "pid": pid, "url": "x", "log": "x"}]}
+    (folder / ".scalelab" / "stack.json").write_text(json.dumps(stack))
 
 
 def test_benchmarks_refuse_to_start_while_a_stack_runs(tmp_path: Path, monkeypatch, capsys):

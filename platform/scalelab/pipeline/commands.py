@@ -85,6 +85,9 @@ def register(app: typer.Typer) -> None:
         out = run_pipeline(recipe, overrides or [], start, stop)
         console.print(f"[bold green]pipeline done[/] in {time.perf_counter() - began:.0f}s", highlight=False)
         print_run_locations(out)
+        if str((out.get("data") or {}).get("push", "")).startswith("not pushed"):
+            data = out["data"]
+            console.print(f"data {data['path']}: {data['push']}", highlight=False, soft_wrap=True)
         if "smoke" in out:
             s = out["smoke"]
             console.print(

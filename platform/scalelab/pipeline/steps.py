@@ -38,8 +38,16 @@ def run_data(spec: RecipeSpec) -> dict[str, Any]:
     if root is not None and version.path and locked_hash(root, version.path)[0] == version.content_hash:
         h = version.content_hash
         if not (root / ".dvc" / "cache" / "files" / "md5" / h[:2] / h[2:]).is_file():
-            # a fresh clone: dvc.lock pins the version (hash + git rev) but the cache is empty
-            pushed = "not pushed: not in the local DVC cache; `dvc repro prepare && dvc push` stores it"
+            # a fresh clone: dvc.lock pins the version (hash + git rev) but the cache is empty;
+            # `dvc repro` rebuilds it into the cache (preparing is deterministic), pushing only
+            # that stage (a bare `dvc push` would also ask for other outputs never cached here)
+            stage = locking_stage(root, version.path)
+            fix = (
+                f"dvc repro {stage} && dvc push {stage}"
+                if stage
+                else f"dvc commit -f {version.path}.dvc && dvc push {version.path}.dvc"
+            )
+            pushed = f"not pushed: not in the local DVC cache; `{fix}` stores it"
         else:
             from scalelab.data.remote import transfer
 
@@ -48,6 +56,18 @@ def run_data(spec: RecipeSpec) -> dict[str, Any]:
             except ScalelabError as exc:  # the run can go on: the version is pinned by its hash
                 pushed = f"not pushed: {exc}"
     return {"path": str(path), "version": version.to_dict(), "push": pushed}
+
+
+def locking_stage(root: Path, relpath: str) -> str | None:
+    """The dvc.yaml stage whose output ``relpath`` is (None: tracked by a .dvc file, or not at all)."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    for name, stage in stages.items():
+        if any(o.get("path", "").rstrip("/") == relpath for o in stage.get("outs", [])):
+            return name
+    return None
 
 
 def data_done(out: dict[str, Any]) -> bool:

@@ -18,6 +18,7 @@ reported just before a crash, so the guarantee is: no more than ``checkpoint_eve
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -220,12 +221,14 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         timing.setdefault("first_epoch_reported", time.time())
         timing.setdefault("first_epoch_seconds", float(metrics["epoch_seconds"]))
         if rank == 0:
-            print(
+            # Not print(): Ray Train patches it to log through the root logger *and* (stdout being
+            # wrapped in a Ray worker) to print as well, so each line reached the console twice.
+            sys.stdout.write(
                 f"epoch {epoch:>3}  loss {metrics['train_loss']:.4f}  val_acc {metrics['val_acc']:.4f}  "
                 f"lr {metrics['lr']:.4g}  {metrics['images_per_s']:,.0f} img/s  "
-                f"{metrics['epoch_seconds']:.2f}s",
-                flush=True,
+                f"{metrics['epoch_seconds']:.2f}s\n"
             )
+            sys.stdout.flush()
             if epoch_logger is not None:
                 epoch_logger(metrics)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None

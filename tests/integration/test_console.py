@@ -31,6 +31,7 @@ def test_pipeline_console_is_short_and_quiet(workdir, tracking_uri):
         "train.threads=1",
         "promotion.min_accuracy=0.3",
         "promotion.latency_p95_ms=2000",
+        "promotion.allow_unversioned_data=true",
         f"serve.port={port}",
         "tracking.experiment=console-test",
     ]

@@ -202,3 +202,30 @@ def test_benchmarks_refuse_to_start_while_a_stack_runs(tmp_path: Path, monkeypat
         env={**os.environ, "PYTHONPATH": str(REPO / "platform")},
     )
     assert proc.returncode == 2 and "scalelab down" in proc.stderr, proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- honest lineage
+def test_never_prepared_data_is_prepared_loudly_and_marked_unversioned(workdir: Path, caplog):
+    import logging
+
+    from scalelab.config import load_recipe
+    from scalelab.config.specs import PromotionSpec
+    from scalelab.data import load_dataset
+    from scalelab.registry.gate import data_status, unversioned_data_refusal
+    from scalelab.tracking.lineage import run_tags
+    from scalelab.train.loop import bundle_meta
+
+    spec = load_recipe("pipelines/digits.yaml", ["data.name=never-prepared"])
+    with caplog.at_level(logging.WARNING, logger="scalelab.data"):
+        data = load_dataset(spec.data)
+    assert "not prepared at data/never-prepared: preparing it now" in caplog.text
+    assert data.version.status == "unversioned" and data.version.remote is None
+    assert run_tags(spec, "r", data.version, "local")["data.status"] == "unversioned"
+    meta = bundle_meta(spec, data)
+    assert meta["data_status"] == "unversioned" and data_status(meta) == "unversioned"
+    reason = unversioned_data_refusal(meta, PromotionSpec())
+    assert reason and "promotion.allow_unversioned_data=true" in reason
+    assert unversioned_data_refusal(meta, PromotionSpec(allow_unversioned_data=True)) is None
+    versioned = {**meta, "data_status": None, "data_version": {**meta["data_version"], "rev": "abc"}}
+    assert data_status(versioned) == "versioned"  # bundles from before the field: by git revision
+    assert unversioned_data_refusal(versioned, PromotionSpec()) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from scalelab.data.dataset import (
     write_prepared,
 )
 from scalelab.errors import DataError
+
+log = logging.getLogger("scalelab.data")
 
 _READERS: dict[str, Callable[[DataSpec], Dataset]] = {}
 
@@ -102,6 +105,15 @@ def load_dataset(
                 f"no prepared dataset at {path}; run `scalelab data prepare <recipe>` "
                 f"(or `dvc pull {path}` where it is tracked by DVC)"
             )
+        log.warning(
+            "dataset %r is not prepared at %s: preparing it now from %s (kind %s). It is not "
+            "versioned until `dvc add %s` and a `git commit` record it",
+            spec.name,
+            path,
+            spec.source or "the built-in source",
+            spec.kind,
+            path,
+        )
         prepare(spec)
     version = resolve_data_version(spec)
     data = read_prepared(path)

@@ -196,7 +196,7 @@ def resolve_data_version(
         name=spec.name,
         content_hash=current,
         rev=head if committed == current else None,
-        remote=remote_url,
+        remote=remote_url if recorded else None,  # never added to DVC: it is on no remote
         path=relpath,
         repo=str(root),
     )

@@ -106,6 +106,7 @@ def bundle_meta(spec: RecipeSpec, data: Dataset, runtime: Runtime | None = None)
         "recipe": spec.model_dump(mode="json"),
         "dataset": data.metadata(),
         "data_version": data.version.to_dict() if data.version else None,
+        "data_status": data.version.status if data.version else "unversioned",
         "precision": runtime.precision if runtime else None,
     }
 

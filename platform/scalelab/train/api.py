@@ -14,6 +14,7 @@ import numpy as np
 
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.catalog import load_dataset, prepared_path
+from scalelab.data.samples import write_samples
 from scalelab.errors import ConfigError
 from scalelab.train.checkpoint import load_model_bundle, save_model_bundle
 from scalelab.train.loop import FitResult, bundle_meta, check_model_fits_data
@@ -179,6 +180,8 @@ def _finish(
     from scalelab.tracking.runs import log_training_result
 
     (out / "metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2, default=float))
+    if spec.model.task == "classification":  # one-click examples for the demo page, in the bundle
+        write_samples(data.splits["test"], data.classes, model_dir)
     figures = []
     if spec.model.task == "detection":  # test images with predicted (red) and true (green) boxes
         from scalelab.train.checkpoint import read_bundle_meta

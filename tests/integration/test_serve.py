@@ -519,10 +519,8 @@ async def _cdp_draw_samples_lineage(ws_url: str, page_url: str) -> dict:
         await call("Page.navigate", url=page_url)
         await wait_for("document.querySelectorAll('#samples .sample').length >= 10")
         box = await js(
-            box=await js(
-                "(() => { const r = document.getElementById('pad').getBoundingClientRect(); "
-                "return [r.left, r.top, r.width, r.height]; })()"
-            )
+            "(() => { const r = document.getElementById('pad').getBoundingClientRect(); "
+            "return [r.left, r.top, r.width, r.height]; })()"
         )
         left, top, width, height = box
         x = left + width / 2

@@ -51,7 +51,7 @@ def test_ui_serves_the_embedded_store_and_stops_on_sigterm(workdir):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "platform")}
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "scalelab"), "ui", "--port", str(port)],
+        [str(Path(sys.executable).parent / "scalelab"), "ui", "--port", str(port), "--run", run.info.run_id],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -69,6 +69,8 @@ def test_ui_serves_the_embedded_store_and_stops_on_sigterm(workdir):
             m = re.search(r"MLflow UI\s+(http://127\.0\.0\.1:\d+)", line)
             url = m.group(1) if m else None
         assert url == f"http://127.0.0.1:{port}", lines
+        link = proc.stdout.readline()  # `--run`: the run's own page in that UI
+        assert link.split() == ["run", f"{url}/#/experiments/{exp}/runs/{run.info.run_id}"], link
         with urllib.request.urlopen(url, timeout=10) as r:  # the UI's page
             assert r.status == 200 and "mlflow" in r.read().decode().lower()
         with urllib.request.urlopen(

@@ -229,3 +229,13 @@ def test_never_prepared_data_is_prepared_loudly_and_marked_unversioned(workdir: 
     versioned = {**meta, "data_status": None, "data_version": {**meta["data_version"], "rev": "abc"}}
     assert data_status(versioned) == "versioned"  # bundles from before the field: by git revision
     assert unversioned_data_refusal(versioned, PromotionSpec()) is None
+
+
+def test_model_outputs_are_never_asked_for_by_dvc_push():
+    """A clone's `dvc push` must not warn about trained-model outputs built elsewhere: they live in
+    MLflow, so dvc.yaml marks them push: false (data stays pushable)."""
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["train"]["outs"] == [{"${output_dir}": {"push": False}}]
+    assert stages["prepare"]["outs"] == ["data/${dataset}"]

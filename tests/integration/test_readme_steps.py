@@ -40,7 +40,8 @@ def test_bring_your_own_images_as_written(dvc_repo: Path, sh, tmp_path: Path):
     images = tmp_path / "images"
     write_images(images)
     sh("dvc", "remote", "add", "-d", "local", str(tmp_path / "dvc-remote"))
-    sh("git", "add", ".dvc")
+    (dvc_repo / ".gitignore").write_text((REPO / ".gitignore").read_text())  # as in a clone
+    sh("git", "add", ".dvc", ".gitignore")
     sh("git", "commit", "-qm", "dvc init")
     (dvc_repo / "pipelines").mkdir()
     block = readme_block("Bring your own images")

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-console = Console()
+console = Console(soft_wrap=True)  # URLs stay whole, to click or copy
 
 
 def ray_dashboard_url() -> str | None:

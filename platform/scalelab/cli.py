@@ -27,7 +27,7 @@ COMMAND_MODULES = [
     "scalelab.cluster.job_commands",
     "scalelab.pipeline.commands",
     "scalelab.tune.commands",
-    "scalelab.tracking.commands",
+    "scalelab.cluster.ui_commands",
 ]
 
 app = typer.Typer(

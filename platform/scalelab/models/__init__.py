@@ -1,7 +1,7 @@
-"""The multi-scale ResNet family: blocks, trunk, heads, registry, factory."""
+"""The multi-scale ResNet family: blocks, trunk, heads, factory (variants: scalelab.config.variants)."""
 
+from scalelab.config.variants import list_models, register_model, variant_config
 from scalelab.models.factory import build_model, count_flops, count_params, create_model
-from scalelab.models.registry import list_models, register_model, variant_config
 from scalelab.models.resnet import MultiScaleHead, MultiScaleResNet, classification_loss
 
 __all__ = [

@@ -1,4 +1,7 @@
-"""``scalelab ui``: the MLflow UI on the project's tracking store, on loopback, until Ctrl-C."""
+"""``scalelab ui``: the MLflow UI on the project's tracking store, on loopback, until Ctrl-C.
+
+A local service like `scalelab up`'s (cluster part); what to start for which store is
+:mod:`scalelab.tracking.ui`."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ console = Console(soft_wrap=True)  # URLs stay whole, to click or copy
 
 def ray_dashboard_url() -> str | None:
     """The Ray dashboard of the running `scalelab up` / pipeline stack, if one runs."""
-    from scalelab.cluster.stack import live_ray_address, read_stack
+    from scalelab.cluster.session import live_ray_address, read_stack
 
     if live_ray_address() is None:
         return None

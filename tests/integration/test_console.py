@@ -24,12 +24,12 @@ def test_pipeline_console_is_short_and_quiet(workdir, tracking_uri):
     overrides = [
         "model.variant=msresnet_tiny",
         "search.num_samples=2",
-        "search.max_epochs=1",
+        "search.max_epochs=2",
         "search.max_concurrent_trials=2",
         "search.space={model.scales: {choice: [1, 4]}}",
-        "train.epochs=3",
+        "train.epochs=6",
         "train.threads=1",
-        "promotion.min_accuracy=0.3",
+        "promotion.min_accuracy=0.5",
         "promotion.latency_p95_ms=2000",
         "promotion.allow_unversioned_data=true",
         f"serve.port={port}",
@@ -56,6 +56,7 @@ def test_pipeline_console_is_short_and_quiet(workdir, tracking_uri):
     per_request = [line for line in lines if re.search(r"(GET|POST) /v1/predict|/v1/predict.* 200", line)]
     assert not per_request, per_request[:5]
     assert "UserWarning" not in out and "Reporting training result" not in out
+    assert "View run" not in out and "Checkpoint successfully created" not in out
     assert "authentication token" not in out
     # what it does say: where the runs are, how to look at them, where the logs went
     assert re.search(r"training: MLflow run [0-9a-f]{32} at http://127\.0\.0\.1:\d+", out), out[-3000:]

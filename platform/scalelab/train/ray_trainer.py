@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scalelab.config.console import quiet_third_party_logs
 from scalelab.config.settings import runtime_settings
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.dataset import DataVersion
@@ -191,6 +192,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import torch
 
     quiet_train_report_log()
+    quiet_third_party_logs()
     from scalelab.train.loop import fit
     from scalelab.train.progress import progress_for
 

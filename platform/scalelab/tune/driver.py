@@ -416,7 +416,7 @@ def _finish(spec, name, search_dir, grid, data, tracking, started, console, quie
     )
 
     search = spec.search
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # paths and URLs whole, to copy
     rows, pruned = _rows(spec, grid, search_dir)
     rows = sort_rows(rows, search.metric, search.mode)
     interrupted = any(r["status"] == "running" for r in rows)

@@ -33,6 +33,9 @@ system-deps:
 # Ray Serve (left running on a local Ray head: `make down` or `scalelab down` stops it), report.
 demo: setup
 	$(SCALELAB) pipeline run pipelines/digits.yaml
+	@echo
+	@echo "see the runs, the search and the registry: $(SCALELAB) ui   (MLflow UI on 127.0.0.1; Ctrl-C stops it)"
+	@echo "the Ray head with the served model keeps running (~0.2 of a core when idle); stop it with: make down"
 
 down: setup
 	$(SCALELAB) down

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import refuse_while_stack_runs, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -249,6 +249,7 @@ def swap_under_load(bundle: Path, port: int, body: bytes, work: Path) -> dict:
 
 
 def main() -> None:
+    refuse_while_stack_runs()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -14,6 +14,7 @@ import sys
 import typer
 from rich.console import Console
 
+from scalelab.config.console import quiet_third_party_logs
 from scalelab.errors import ScalelabError
 
 COMMAND_MODULES = [
@@ -27,6 +28,7 @@ COMMAND_MODULES = [
     "scalelab.cluster.job_commands",
     "scalelab.pipeline.commands",
     "scalelab.tune.commands",
+    "scalelab.cluster.ui_commands",
 ]
 
 app = typer.Typer(
@@ -57,6 +59,7 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    quiet_third_party_logs()
     try:
         app(standalone_mode=False)
     except ScalelabError as exc:

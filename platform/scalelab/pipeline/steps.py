@@ -38,8 +38,16 @@ def run_data(spec: RecipeSpec) -> dict[str, Any]:
     if root is not None and version.path and locked_hash(root, version.path)[0] == version.content_hash:
         h = version.content_hash
         if not (root / ".dvc" / "cache" / "files" / "md5" / h[:2] / h[2:]).is_file():
-            # a fresh clone: dvc.lock pins the version (hash + git rev) but the cache is empty
-            pushed = "not pushed: not in the local DVC cache; `dvc repro prepare && dvc push` stores it"
+            # a fresh clone: dvc.lock pins the version (hash + git rev) but the cache is empty;
+            # `dvc repro` rebuilds it into the cache (preparing is deterministic), pushing only
+            # that stage (a bare `dvc push` would also ask for other outputs never cached here)
+            stage = locking_stage(root, version.path)
+            fix = (
+                f"dvc repro {stage} && dvc push {stage}"
+                if stage
+                else f"dvc commit -f {version.path}.dvc && dvc push {version.path}.dvc"
+            )
+            pushed = f"not pushed: not in the local DVC cache; `{fix}` stores it"
         else:
             from scalelab.data.remote import transfer
 
@@ -48,6 +56,18 @@ def run_data(spec: RecipeSpec) -> dict[str, Any]:
             except ScalelabError as exc:  # the run can go on: the version is pinned by its hash
                 pushed = f"not pushed: {exc}"
     return {"path": str(path), "version": version.to_dict(), "push": pushed}
+
+
+def locking_stage(root: Path, relpath: str) -> str | None:
+    """The dvc.yaml stage whose output ``relpath`` is (None: tracked by a .dvc file, or not at all)."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    for name, stage in stages.items():
+        if any(o.get("path", "").rstrip("/") == relpath for o in stage.get("outs", [])):
+            return name
+    return None
 
 
 def data_done(out: dict[str, Any]) -> bool:
@@ -98,12 +118,13 @@ def run_train(spec: RecipeSpec, outputs: dict[str, Any], overrides: list[str]) -
     best = RecipeSpec.model_validate(recipe_to_dict(best))
     # a fresh run each time the step runs (whether it runs is the fingerprint's business)
     run_name = f"{spec.name}-best-{time.strftime('%Y%m%d-%H%M%S')}"
-    outcome = run_training(best, run_name=run_name)
+    outcome = run_training(best, run_name=run_name, progress=True)
     out_dir = outcome.model_dir.parent
     dump_recipe(best, out_dir / "recipe.yaml")
     return {
         "run_name": outcome.run_name,
         "run_id": outcome.run_id,
+        "tracking_uri": outcome.tracking_uri,
         "model_dir": str(outcome.model_dir),
         "metrics_file": str(out_dir / "metrics.json"),
         "test_acc": outcome.metrics["test_acc"],

@@ -145,6 +145,23 @@ def smoke_indices(y: np.ndarray, reference_probs: np.ndarray, count: int) -> lis
     return chosen
 
 
+def data_status(meta: dict[str, Any]) -> str:
+    """``versioned`` / ``unversioned`` as the bundle says (older bundles: from the git revision)."""
+    recorded = meta.get("data_status")
+    return recorded or ("versioned" if (meta.get("data_version") or {}).get("rev") else "unversioned")
+
+
+def unversioned_data_refusal(meta: dict[str, Any], policy: PromotionSpec) -> str | None:
+    """Why a model trained on unversioned data may not become champion (None: it may)."""
+    if data_status(meta) == "versioned" or policy.allow_unversioned_data:
+        return None
+    return (
+        f"trained on unversioned data ({describe_data(meta)}: no DVC file + git commit records it, so "
+        f"nobody can fetch it again to check or retrain). Version it (`dvc add`, `git commit`) and "
+        f"retrain, or allow it with promotion.allow_unversioned_data=true"
+    )
+
+
 def evaluate_gate(
     candidate: Predictor,
     champion: Predictor | None,
@@ -152,6 +169,9 @@ def evaluate_gate(
     expected_fingerprint: str | None = None,
 ) -> GateResult:
     """Judge a candidate. With a champion, both run on the champion's test split."""
+    unversioned = unversioned_data_refusal(candidate.meta, policy)
+    if unversioned:
+        return GateResult(False, [unversioned], {"data": describe_data(candidate.meta)})
     reference = champion or candidate
     if champion is not None and (
         candidate.input.classes != champion.input.classes

@@ -9,6 +9,7 @@ from typing import Any
 
 from scalelab.artifacts.bundle import MODEL_META, load_model_bundle, read_bundle_meta
 from scalelab.errors import RegistryError, ScalelabError
+from scalelab.registry.gate import data_status
 from scalelab.tracking.bundles import BUNDLE_DIR, classify_store_error, download_run_bundle, store_error
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -104,6 +105,7 @@ def version_tags(run, meta: dict[str, Any], test_sha256: str | None) -> dict[str
         tags["scalelab.spec_hash"] = rt.get("scalelab.spec_hash", "unknown")
     dv = meta.get("data_version") or {}
     tags["data.name"] = dv.get("name") or meta["dataset"].get("name", "")
+    tags["data.status"] = data_status(meta)
     for key in ("content_hash", "rev", "remote", "path"):
         if dv.get(key):
             tags[f"data.{'hash' if key == 'content_hash' else key}"] = str(dv[key])

@@ -16,6 +16,15 @@ def print_epoch(metrics: dict) -> None:
     )
 
 
+def print_run_location(outcome) -> None:
+    """The MLflow run id, where it is, and the command that shows it (nothing when untracked)."""
+    from scalelab.tracking.ui import run_location
+
+    if outcome.run_id and outcome.tracking_uri:
+        for line in run_location(outcome.tracking_uri, outcome.run_id, outcome.experiment_id):
+            console.print(line, highlight=False, soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(
@@ -34,7 +43,7 @@ def register(app: typer.Typer) -> None:
             f"workers={spec.train.workers}",
             highlight=False,
         )
-        outcome = run_training(spec, run_name=resume, on_epoch=print_epoch)
+        outcome = run_training(spec, run_name=resume, on_epoch=print_epoch, progress=True)
         m = outcome.metrics
         if m.get("worker_node_ids"):
             nodes = m["worker_node_ids"]
@@ -47,3 +56,4 @@ def register(app: typer.Typer) -> None:
             f"({m['params']:,} params, {m['precision']}, {m['wall_seconds']:.1f}s) -> {outcome.model_dir}",
             highlight=False,
         )
+        print_run_location(outcome)

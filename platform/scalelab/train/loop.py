@@ -31,6 +31,7 @@ from scalelab.models.factory import build_model, count_params
 from scalelab.models.resnet import classification_loss
 from scalelab.train.checkpoint import restore_training_checkpoint, save_training_checkpoint
 from scalelab.train.detection import DetectionLoader
+from scalelab.train.progress import EpochProgress
 from scalelab.train.runtime import seed_everything, select_runtime, set_threads
 
 Report = Callable[[dict[str, Any], "str | None"], None]
@@ -107,6 +108,7 @@ def bundle_meta(spec: RecipeSpec, data: Dataset, runtime: Runtime | None = None)
         "recipe": spec.model_dump(mode="json"),
         "dataset": data.metadata(),
         "data_version": data.version.to_dict() if data.version else None,
+        "data_status": data.version.status if data.version else "unversioned",
         "precision": runtime.precision if runtime else None,
     }
 
@@ -118,8 +120,12 @@ def fit(
     resume_from: str | Path | None = None,
     device: torch.device | None = None,
     should_stop: Callable[[], bool] | None = None,
+    progress: EpochProgress | None = None,
 ) -> FitResult:
-    """Train ``spec`` on ``data``; returns the model, per-epoch history and test evaluation."""
+    """Train ``spec`` on ``data``; returns the model, per-epoch history and test evaluation.
+
+    ``progress`` (rank 0's, see :mod:`scalelab.train.progress`) hears of every step of an epoch.
+    """
     t = spec.train
     rank, world_size = world()
     set_threads(t.threads)
@@ -176,7 +182,9 @@ def fit(
 
     val = None
     for epoch in range(start_epoch, t.epochs):
-        metrics = train_one_epoch(spec, train_model, train_loader, optimizer, scheduler, runtime, epoch)
+        metrics = train_one_epoch(
+            spec, train_model, train_loader, optimizer, scheduler, runtime, epoch, progress
+        )
         val = evaluate_model(model, val_loader, data.num_classes, runtime)
         metrics.update(val.as_metrics("val"))
         metrics.update(epoch=epoch + 1, params=params, world_size=world_size, resumed_from=start_epoch)
@@ -215,6 +223,7 @@ def train_one_epoch(
     scheduler,
     runtime: Runtime,
     epoch: int,
+    progress: EpochProgress | None = None,
 ) -> dict[str, float]:
     t = spec.train
     detection = spec.model.task == "detection"
@@ -224,6 +233,9 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), dtype=torch.long, device=runtime.device)
     seen = 0
+    _, world_size = world()
+    if progress is not None:
+        progress.start(epoch + 1, t.epochs, len(loader))
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
@@ -242,10 +254,13 @@ def train_one_epoch(
         if not detection:
             correct += (outputs[0].detach().argmax(1) == y).sum()
         seen += len(y)
+        if progress is not None:
+            progress.advance(len(y) * world_size)
+    if progress is not None:
+        progress.finish()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    _, world_size = world()
     return {
         "train_loss": loss_sum.item() / max(1, seen),
         **({} if detection else {"train_acc": correct.item() / max(1, seen)}),

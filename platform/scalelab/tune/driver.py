@@ -402,7 +402,7 @@ def _finish(spec, name, search_dir, grid, data, tracking, started, console, quie
     )
 
     search = spec.search
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # paths and URLs whole, to copy
     rows, pruned = _rows(spec, grid, search_dir)
     rows = sort_rows(rows, search.metric, search.mode)
     interrupted = any(r["status"] == "running" for r in rows)
@@ -524,4 +524,9 @@ def _print_outcome(console, summary, best, best_yaml, search_dir, tracking, metr
         )
     console.print(f"results: {search_dir / 'results.csv'}", highlight=False)
     if tracking:
-        console.print(f"MLflow parent run {tracking['parent_run_id']} at {tracking['uri']}", highlight=False)
+        from scalelab.tracking.ui import run_location
+
+        lines = run_location(tracking["uri"], tracking["parent_run_id"])
+        console.print(lines[0].replace("MLflow run", "MLflow parent run"), highlight=False)
+        for line in lines[1:]:
+            console.print(line, highlight=False)

@@ -61,7 +61,11 @@ case "${1:-}" in
     else
       bootstrap_uv
       mapfile -t sources < <(uv_sources)
-      "$VENV/bin/uv" pip install -q --python "$PY" --require-hashes "${sources[@]}" -r "$LOCK"
+      # --compile-bytecode: write the .pyc files at install, as pip does; without them every import of
+      # torch/ray/mlflow compiles from source (about 40 s here, at every start where
+      # PYTHONDONTWRITEBYTECODE is set, as on this machine)
+      "$VENV/bin/uv" pip install -q --python "$PY" --require-hashes --compile-bytecode \
+        "${sources[@]}" -r "$LOCK"
       "$VENV/bin/uv" pip install -q --python "$PY" --no-deps --no-build-isolation -e .
     fi
     ;;

@@ -34,14 +34,19 @@ uv_sources() {
   done < <(python3 -m pip config list 2>/dev/null)
 }
 
+# pip -q, without this machine's notes on its local mirrors (`Location ... is ignored: it is
+# neither a file nor a directory`, one for each package they lack)
+pip_install() {
+  "$PY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
 # uv itself comes from the lock, pinned and hashed, so a machine without uv needs only python3 -m venv.
 bootstrap_uv() {
   test -x "$PY" || python3 -m venv "$VENV"
   local want
   want=$(grep -m1 '^uv==' "$LOCK" | sed 's/^uv==\([^ ]*\).*/\1/')
   if [[ $("$VENV/bin/uv" --version 2>/dev/null) != "uv $want" ]]; then
-    "$PY" -m pip install -q --no-deps --require-hashes \
-      -r <(awk '/^uv==/ {p = 1} p {print} p && !/\\$/ {exit}' "$LOCK")
+    pip_install --no-deps --require-hashes -r <(awk '/^uv==/ {p = 1} p {print} p && !/\\$/ {exit}' "$LOCK")
   fi
 }
 
@@ -55,9 +60,9 @@ case "${1:-}" in
   setup)
     if [[ ${2:-uv} == pip ]]; then  # the fallback: pip alone, same lock, same hashes
       test -x "$PY" || python3 -m venv "$VENV"
-      "$PY" -m pip install -q --require-hashes -r "$LOCK"
+      pip_install --require-hashes -r "$LOCK"
       # scalelab itself, editable, built with the locked setuptools (no unpinned build environment)
-      "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+      pip_install --no-deps --no-build-isolation -e .
     else
       bootstrap_uv
       mapfile -t sources < <(uv_sources)

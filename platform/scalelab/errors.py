@@ -23,3 +23,7 @@ class TrackingError(ScalelabError):
 
 class RegistryError(ScalelabError):
     """A registered model, version or alias is missing or inconsistent."""
+
+
+class ClusterError(ScalelabError):
+    """A Ray cluster cannot be reached, or the local stack's record of it is unreadable."""

@@ -142,18 +142,34 @@ def test_a_refused_call_is_dropped_and_the_rest_goes_on(caplog):
     assert log.flush(1).lost == ["1 params"]
 
 
-def test_quick_requests_restores_the_environment(monkeypatch):
+def test_quick_requests_is_scoped_to_the_caller_and_leaves_the_environment_alone(monkeypatch):
     import os
+    import threading
+
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 
     from scalelab.tracking.resilient import quick_requests
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    env_before = dict(os.environ)
+    seen_elsewhere = {}
     with quick_requests(3):
-        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
-        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"
+        # what MLflow's HTTP layer reads, in this thread: one try, a 3 s timeout
+        assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 0
+        assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 3
+        assert dict(os.environ) == env_before  # the process environment is never changed
+        other = threading.Thread(
+            target=lambda: seen_elsewhere.update(
+                retries=MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), timeout=MLFLOW_HTTP_REQUEST_TIMEOUT.get()
+            )
+        )
+        other.start()
+        other.join()
+    assert seen_elsewhere == {"retries": MLFLOW_HTTP_REQUEST_MAX_RETRIES.default, "timeout": 120}
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "120"
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 120  # after the block: the environment's value again
 
 
 def test_storage_location_and_fault_spec(monkeypatch, workdir):

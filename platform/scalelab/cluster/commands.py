@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
     def status() -> None:
         """Show the stack's processes, whether they run, and their addresses."""
         from scalelab.cluster import stack
+        from scalelab.cluster.session import live_ray_address
 
         rows = stack.status()
         if not rows:
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
         for key in ("mlflow_url", "dashboard_url", "s3_url"):
             if state.get(key):
                 console.print(f"{key:14} {state[key]}", highlight=False)
-        if state.get("dashboard_url") and stack.live_ray_address():
+        if state.get("dashboard_url") and live_ray_address():
             _print_cluster(state["dashboard_url"])
 
 

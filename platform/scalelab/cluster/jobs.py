@@ -17,10 +17,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from scalelab.cluster.session import jobs_api_address, read_stack
 from scalelab.config.loader import explain_validation, load_recipe, read_yaml
+from scalelab.config.settings import runtime_settings
 from scalelab.config.specs import JobSpec, RecipeSpec
 from scalelab.errors import ConfigError, ScalelabError
-from scalelab.tracking.uri import read_stack
 
 RECIPE_VERBS = {"train", "tune", "pipeline", "data", "evaluate"}
 
@@ -128,29 +129,6 @@ def submission_id(spec: JobSpec) -> str:
     )
 
 
-def resolve_address(address: str | None) -> str:
-    import os
-
-    stack = read_stack()
-    addr = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or stack.get("dashboard_url")
-    if (
-        stack.get("ray_auth_mode")
-        and addr == stack.get("dashboard_url")
-        and "RAY_AUTH_MODE" not in os.environ
-    ):
-        # the local head runs with token auth: say so, and make an already-imported Ray re-read it
-        os.environ["RAY_AUTH_MODE"] = stack["ray_auth_mode"]
-        from scalelab.train.ray_trainer import _reload_ray_config
-
-        _reload_ray_config()
-    if not addr:
-        raise ConfigError(
-            "no Ray cluster to submit to: pass --address http://HEAD:8265, set RAY_DASHBOARD_ADDRESS, "
-            "or start a local one with `scalelab up`"
-        )
-    return addr
-
-
 @dataclass
 class Submitted:
     submission_id: str
@@ -162,7 +140,7 @@ class JobClient:
     """A thin layer over ``JobSubmissionClient`` that turns connection errors into clear messages."""
 
     def __init__(self, address: str | None = None) -> None:
-        self.address = resolve_address(address)
+        self.address = jobs_api_address(address)
         from ray.job_submission import JobSubmissionClient
 
         try:
@@ -236,13 +214,17 @@ class JobClient:
         asyncio.run(_tail())
         return self.wait(sid)
 
-    def wait(self, sid: str, timeout: float = 3600) -> str:
+    def wait(self, sid: str, timeout: float | None = None) -> str:
+        """Poll until the job ends (``SCALELAB_JOB_POLL_INTERVAL_S``); ``timeout`` defaults to
+        ``SCALELAB_JOB_WAIT_TIMEOUT_S``."""
+        settings = runtime_settings()
+        timeout = timeout or settings.job_wait_timeout_s
         deadline = time.time() + timeout
         while time.time() < deadline:
             status = self.status(sid)
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return status
-            time.sleep(1)
+            time.sleep(settings.job_poll_interval_s)
         raise ScalelabError(f"job {sid} still running after {timeout:.0f}s")
 
     def _call(self, fn, sid: str):

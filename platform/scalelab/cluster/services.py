@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from scalelab.config.settings import runtime_settings
 from scalelab.errors import ScalelabError
 
 BIN = Path(sys.executable).parent
@@ -46,8 +47,10 @@ class Service:
         except ChildProcessError:
             return True
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Terminate the process group we started (the server and its workers), then reap."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Terminate the process group we started (the server and its workers), then reap.
+        ``timeout`` (default ``SCALELAB_SERVICE_STOP_TIMEOUT_S``): the wait before SIGKILL."""
+        timeout = timeout or runtime_settings().service_stop_timeout_s
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.pid, sig)
@@ -64,16 +67,17 @@ class Service:
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: str = "") -> None:
+    settings = runtime_settings()
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = Path(log).read_text()[-2000:] if log and Path(log).exists() else ""
             raise ScalelabError(f"{url} exited with code {proc.returncode} while starting:\n{tail}")
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            with urllib.request.urlopen(url, timeout=settings.http_probe_timeout_s):
                 return
         except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.3)
+            time.sleep(settings.startup_poll_s)
     raise ScalelabError(f"{url} did not answer within {timeout:.0f}s (log: {log})")
 
 
@@ -95,10 +99,12 @@ def start_mlflow_server(
     port: int | None = None,
     backend_uri: str | None = None,
     artifacts_destination: str | None = None,
-    timeout: float = 120.0,
+    timeout: float | None = None,
     extra_env: dict | None = None,
 ) -> Service:
-    """``mlflow server`` with a SQLite backend under ``state_dir`` (or ``backend_uri``)."""
+    """``mlflow server`` with a SQLite backend under ``state_dir`` (or ``backend_uri``).
+    ``timeout``: default ``SCALELAB_MLFLOW_START_TIMEOUT_S``."""
+    timeout = timeout or runtime_settings().mlflow_start_timeout_s
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
@@ -123,9 +129,11 @@ def start_mlflow_server(
 
 
 def start_s3_server(
-    state_dir: str | Path, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0
+    state_dir: str | Path, host: str = "127.0.0.1", port: int | None = None, timeout: float | None = None
 ) -> Service:
-    """moto's S3-compatible server on loopback (real HTTP, not an in-process mock)."""
+    """moto's S3-compatible server on loopback (real HTTP, not an in-process mock).
+    ``timeout``: default ``SCALELAB_S3_START_TIMEOUT_S``."""
+    timeout = timeout or runtime_settings().s3_start_timeout_s
     state = Path(state_dir).resolve()
     port = port or free_port(host)
     log = state / f"s3-{port}.log"

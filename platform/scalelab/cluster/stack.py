@@ -30,53 +30,28 @@ from scalelab.cluster.services import (
     start_mlflow_server,
     start_s3_server,
 )
+from scalelab.cluster.session import (
+    STACK_FILE,
+    STATE_DIR,
+    head_auth_env,
+    pid_alive,
+    read_stack,
+    write_stack,
+)
+from scalelab.config.settings import runtime_settings
 from scalelab.errors import ScalelabError
-from scalelab.tracking.uri import STACK_FILE, STATE_DIR, read_stack
 
 # Which stack.json address key each service provides.
 ADDRESS_KEYS = {"mlflow": "mlflow_url", "s3": "s3_url", "ray": "ray_address"}
-
-
-def write_stack(stack: dict[str, Any], path: Path = STACK_FILE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(stack, indent=2))
-    tmp.replace(path)
-    return path
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # our own child that exited but was not reaped is dead too
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
 
 
 def services_of(stack: dict[str, Any]) -> list[Service]:
     return [Service(**entry) for entry in stack.get("services", [])]
 
 
-def live_ray_address(path: Path = STACK_FILE) -> str | None:
-    """The stack's Ray head address if its process is still running (and its auth mode set in
-    this process's environment, as a driver connecting to it needs)."""
-    stack = read_stack(path)
-    for svc in services_of(stack):
-        if svc.name == "ray" and pid_alive(svc.pid):
-            if stack.get("ray_auth_mode"):
-                os.environ.setdefault("RAY_AUTH_MODE", stack["ray_auth_mode"])
-            return stack.get("ray_address")
-    return None
-
-
 def _wait_port(host: str, port: int, timeout: float, svc: Service, ready_line: str | None = None) -> None:
     """Wait until ``host:port`` accepts connections (and ``ready_line`` is in the service's log)."""
+    poll = runtime_settings().startup_poll_s
     deadline = time.time() + timeout
     while time.time() < deadline:
         log_text = Path(svc.log).read_text(errors="replace") if Path(svc.log).exists() else ""
@@ -87,7 +62,7 @@ def _wait_port(host: str, port: int, timeout: float, svc: Service, ready_line: s
             port_open = s.connect_ex((host, port)) == 0
         if port_open and (ready_line is None or ready_line in log_text):
             return
-        time.sleep(0.3)
+        time.sleep(poll)
     raise ScalelabError(f"{svc.name} did not open {host}:{port} within {timeout:.0f}s (log: {svc.log})")
 
 
@@ -114,9 +89,11 @@ def start_ray_head(
     port: int | None = None,
     num_cpus: int | None = None,
     dashboard: bool = True,
-    timeout: float = 90.0,
+    timeout: float | None = None,
 ) -> tuple[Service, dict[str, str]]:
-    """``ray start --head --block`` as a child in its own session; every port is a free one."""
+    """``ray start --head --block`` as a child in its own session; every port is a free one.
+    ``timeout``: default ``SCALELAB_RAY_START_TIMEOUT_S``."""
+    timeout = timeout or runtime_settings().ray_start_timeout_s
     state = Path(state_dir).resolve()
     port = port or free_port(host)
     ports = {
@@ -143,17 +120,9 @@ def start_ray_head(
     cmd += ["--temp-dir", str(temp_dir)]
     log = state / f"ray-head-{port}.log"
     # Token authentication (Ray's default when ~/.ray/auth_token exists) made explicit: drivers
-    # that connect must then say so too (stack.json's ray_auth_mode; connect_ray reads it).
-    auth = os.environ.get("RAY_AUTH_MODE", "token")
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": auth}
-    if (
-        auth == "token"
-        and not (Path.home() / ".ray" / "auth_token").is_file()
-        and not os.environ.get("RAY_AUTH_TOKEN")
-    ):
-        from ray._private.authentication.authentication_token_setup import generate_and_save_token
-
-        generate_and_save_token()
+    # that connect must then say so too (stack.json's ray_auth_mode; session.connect_ray reads it).
+    auth_env = head_auth_env()
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **auth_env}
     proc = _spawn("ray", cmd, log, env)
     svc = Service("ray", proc.pid, f"{host}:{port}", str(log))
     try:
@@ -164,7 +133,7 @@ def start_ray_head(
     except ScalelabError:
         svc.stop()
         raise
-    addresses = {"ray_address": f"{host}:{port}", "ray_auth_mode": auth}
+    addresses = {"ray_address": f"{host}:{port}", "ray_auth_mode": auth_env["RAY_AUTH_MODE"]}
     if dashboard:
         addresses["dashboard_url"] = f"http://{host}:{ports['dashboard']}"
     return svc, addresses
@@ -177,9 +146,11 @@ def start_ray_worker(
     num_cpus: int,
     host: str = "127.0.0.1",
     auth_mode: str | None = None,
-    timeout: float = 90.0,
+    timeout: float | None = None,
 ) -> Service:
     """One more node: ``ray start --address HEAD --block`` with its own raylet and free ports."""
+    settings = runtime_settings()
+    timeout = timeout or settings.ray_start_timeout_s
     state = Path(state_dir).resolve()
     ports = {name: free_port(host) for name in ("agent_listen", "agent_grpc", "runtime_env", "metrics")}
     cmd = [
@@ -207,7 +178,7 @@ def start_ray_worker(
             raise ScalelabError(f"{svc.name} exited while joining {head_address}:\n{_tail(log)}")
         if "Ray runtime started" in _tail(log, 20000):
             return svc
-        time.sleep(0.3)
+        time.sleep(settings.startup_poll_s)
     svc.stop()
     raise ScalelabError(f"{svc.name} did not join {head_address} within {timeout:.0f}s (log: {log})")
 

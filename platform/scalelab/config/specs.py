@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from scalelab.config.variants import variant_config
+
 
 class _Spec(BaseModel):
     # Unknown keys are errors: a typo in a recipe must never be silently ignored.
@@ -80,8 +82,6 @@ class ModelSpec(_Spec):
     @classmethod
     def _start_from_variant(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("variant"):
-            from scalelab.models.registry import variant_config
-
             merged = dict(variant_config(data["variant"]))
             merged.update({k: v for k, v in data.items()})
             return merged

@@ -16,9 +16,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scalelab.config.specs import DataSpec
-from scalelab.data.catalog import read_raw, register_reader
 from scalelab.data.dataset import SPLITS, Dataset, Split
-from scalelab.data.sources import conform
+from scalelab.data.sources import conform, read_classification
 from scalelab.errors import DataError
 
 DEFAULT_CANVAS = 64
@@ -70,7 +69,6 @@ def scene_options(spec: DataSpec) -> SceneOptions:
         raise DataError(f"data.scenes is invalid: {e}") from None
 
 
-@register_reader("scenes")
 def read_scenes(spec: DataSpec) -> Dataset:
     """Scenes of pasted objects with exact boxes; the same spec always gives the same bytes."""
     opts = scene_options(spec)
@@ -79,7 +77,7 @@ def read_scenes(spec: DataSpec) -> Dataset:
     if smax > canvas or opts.object_size[0] > smax:
         raise DataError(f"object_size {list(opts.object_size)} does not fit a {canvas} px canvas")
     src_spec = _object_spec(spec, opts)
-    source = read_raw(src_spec)
+    source = read_classification(src_spec)
     channels = spec.channels or source.channels
     seed = spec.split_seed if opts.seed is None else opts.seed
     n_test = max(1, round(spec.test_fraction * opts.num_scenes))
@@ -204,7 +202,6 @@ def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ COCO
 
 
-@register_reader("coco")
 def read_coco(spec: DataSpec) -> Dataset:
     """COCO detection JSON (``images``, ``annotations``, ``categories``) -> the canonical form.
 

@@ -1,4 +1,4 @@
-"""Readers for the other catalog kinds: fashion-mnist (IDX files), imagefolder (PIL), npz.
+"""Classification readers: digits (scikit-learn), fashion-mnist (IDX files), imagefolder (PIL), npz.
 
 Each returns a :class:`Dataset` of uint8 (N, H, W, C) images with seeded splits; the order of
 samples is fixed (sorted file names) so the same source and seed always give the same bytes.
@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from scalelab.config.specs import DataSpec
-from scalelab.data.catalog import register_reader, split_arrays
-from scalelab.data.dataset import Dataset
+from scalelab.data.dataset import Dataset, Split, stratified_split
 from scalelab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,28 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-# ----------------------------------------------------------------------------- shape helpers
+# ----------------------------------------------------------------------------- splits and shapes
+
+
+def split_arrays(
+    spec: DataSpec, x: np.ndarray, y: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[str, Split]:
+    """Seeded stratified train/val/test split; a dataset's own test split is kept when given."""
+    if len(x) != len(y):
+        raise DataError(f"{len(x)} images but {len(y)} labels: x and y lengths must match")
+    if len(np.unique(y)) < 2:
+        raise DataError(f"dataset {spec.name!r} has a single class; classification needs at least two")
+    if test is None:
+        fractions = (spec.test_fraction, spec.val_fraction)
+        test_idx, val_idx, train_idx = stratified_split(y, fractions, spec.split_seed)
+        test = (x[test_idx], y[test_idx])
+    else:
+        val_idx, train_idx = stratified_split(y, (spec.val_fraction,), spec.split_seed)
+    return {
+        "train": Split(x[train_idx], y[train_idx]),
+        "val": Split(x[val_idx], y[val_idx]),
+        "test": Split(*test),
+    }
 
 
 def conform(x: np.ndarray, image_size: int | None, channels: int | None) -> np.ndarray:
@@ -72,6 +92,21 @@ def _fit_square(img, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+# ----------------------------------------------------------------------------- digits
+
+
+def read_digits(spec: DataSpec) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 images, 16 grey levels scaled to 0-255)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.clip(bunch.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)[..., None]  # (N, 8, 8, 1)
+    y = bunch.target.astype(np.int64)
+    return Dataset(
+        name=spec.name, splits=split_arrays(spec, x, y), classes=[str(c) for c in range(10)], hflip_ok=False
+    )
+
+
 # ----------------------------------------------------------------------------- fashion-mnist
 
 
@@ -104,7 +139,6 @@ def _idx_file(root: Path, stem: str) -> Path:
     )
 
 
-@register_reader("fashion-mnist")
 def read_fashion_mnist(spec: DataSpec) -> Dataset:
     """Zalando's Fashion-MNIST: 60k train + 10k test 28x28 grey images; keeps its own test split."""
     root = Path(spec.source or FASHION_MNIST_DIR)
@@ -161,7 +195,6 @@ def _open_image(path: Path):
         return img.convert("RGB")
 
 
-@register_reader("imagefolder")
 def read_imagefolder(spec: DataSpec) -> Dataset:
     """``source/<class>/*.{png,jpg,jpeg,bmp}``: any size, grey or colour, made square and uniform.
 
@@ -224,7 +257,6 @@ def read_imagefolder(spec: DataSpec) -> Dataset:
 # ----------------------------------------------------------------------------- npz
 
 
-@register_reader("npz")
 def read_npz(spec: DataSpec) -> Dataset:
     """An ``.npz`` with ``x`` (N, H, W[, C]) uint8 and ``y`` (N,) ints; optional ``classes``,
     and ``x_test``/``y_test`` for a test split of its own."""
@@ -286,4 +318,19 @@ def _npz_labels(path: Path, y: np.ndarray, key: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-from scalelab.data import scenes  # noqa: E402, F401  (registers the detection kinds: scenes, coco)
+def read_classification(spec: DataSpec) -> Dataset:
+    """A classification dataset of any kind in :data:`CLASSIFICATION_READERS`."""
+    if spec.kind not in CLASSIFICATION_READERS:
+        raise DataError(
+            f"{spec.kind!r} is not a classification dataset kind; known: "
+            f"{', '.join(sorted(CLASSIFICATION_READERS))}"
+        )
+    return CLASSIFICATION_READERS[spec.kind](spec)
+
+
+CLASSIFICATION_READERS = {
+    "digits": read_digits,
+    "fashion-mnist": read_fashion_mnist,
+    "imagefolder": read_imagefolder,
+    "npz": read_npz,
+}

@@ -1,8 +1,8 @@
-"""The multi-scale ResNet family: blocks, trunk, heads, registry, factory.
+"""The multi-scale ResNet family: blocks, trunk, heads, factory (variants: scalelab.config.variants).
 
-The names below load their module on first use (PEP 562), so that importing a light part of the
-package (the variant registry, :mod:`scalelab.models.summary`) does not import torch: `scalelab
-models variants` lists the family from a cache without it. Every name lives in this package.
+The torch-backed names below load their module on first use (PEP 562), so that importing a light
+part of the package (:mod:`scalelab.models.summary`) does not import torch: `scalelab models
+variants` lists the family from a cache without it. Each of them lives in this package.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from scalelab.config.variants import list_models, register_model, variant_config
+
 if TYPE_CHECKING:
     from scalelab.models.factory import build_model, count_flops, count_params, create_model
-    from scalelab.models.registry import list_models, register_model, variant_config
     from scalelab.models.resnet import MultiScaleHead, MultiScaleResNet, classification_loss
 
 _HOME = {
@@ -20,9 +21,6 @@ _HOME = {
     "count_flops": "factory",
     "count_params": "factory",
     "create_model": "factory",
-    "list_models": "registry",
-    "register_model": "registry",
-    "variant_config": "registry",
     "MultiScaleHead": "resnet",
     "MultiScaleResNet": "resnet",
     "classification_loss": "resnet",

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from scalelab.models.registry import list_models, variant_config
+from scalelab.config.variants import list_models, variant_config
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 

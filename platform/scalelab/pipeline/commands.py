@@ -11,22 +11,23 @@ from rich.console import Console
 console = Console()
 
 
-def connect_ray() -> None:
-    """Use the running Ray (tests, jobs, `scalelab up`); else start a Ray head of our own (by pid,
-    in .scalelab/stack.json) so the served model outlives this command."""
+def ensure_lasting_ray() -> None:
+    """Connect through the Ray session (tests, jobs, `scalelab up`); with no head to connect to,
+    first start one of our own (by pid, in .scalelab/stack.json) so the served model outlives
+    this command."""
     import os
 
     import ray
 
-    from scalelab.cluster.stack import live_ray_address, up
-    from scalelab.train.ray_trainer import connect_ray as connect
+    from scalelab.cluster.session import connect_ray, live_ray_address
+    from scalelab.cluster.stack import up
 
     if ray.is_initialized():
         return
     if not os.environ.get("RAY_ADDRESS") and live_ray_address() is None:
         console.print("starting a local Ray head for the pipeline (stop it with `scalelab down`)")
         up(mlflow=False, s3=False, ray=True)
-    connect()  # the head's address and its token auth mode come from stack.json
+    connect_ray()  # the head's address and its token auth mode come from stack.json
 
 
 def run_pipeline(
@@ -39,7 +40,7 @@ def run_pipeline(
     spec = load_recipe(recipe, overrides)
     needs_ray = start not in ("report",) and STEP_NAMES.index(stop or "report") >= STEP_NAMES.index("tune")
     if needs_ray:
-        connect_ray()
+        ensure_lasting_ray()
     state = PipelineState(Path(".scalelab/pipeline") / spec.name / "state.json")
     rerun = " ".join(["scalelab pipeline run", recipe, *overrides])
     return run_steps(build_steps(spec, Path(recipe), overrides), state, rerun, start, stop, log=log)

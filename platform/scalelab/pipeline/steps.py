@@ -166,9 +166,9 @@ def run_serve(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
     name = outputs["register"]["name"]
     target = f"{name}@champion"
     if not ray.is_initialized():
-        from scalelab.pipeline.commands import connect_ray
+        from scalelab.pipeline.commands import ensure_lasting_ray
 
-        connect_ray()
+        ensure_lasting_ray()
     s = spec.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     uri = resolve_tracking_uri(spec.tracking.uri)

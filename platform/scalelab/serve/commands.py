@@ -78,10 +78,10 @@ def register(app: typer.Typer) -> None:
                 console.print(f"wrote {emit_rayservice}")
             return
 
-        import ray
         from ray import serve
 
-        from scalelab.tracking.uri import read_stack, resolve_tracking_uri
+        from scalelab.cluster.session import connect_ray
+        from scalelab.tracking.uri import resolve_tracking_uri
 
         uri = None if bundle else resolve_tracking_uri(tracking_uri)
         if uri:
@@ -93,12 +93,7 @@ def register(app: typer.Typer) -> None:
 
             with tempfile.TemporaryDirectory() as tmp:
                 fetch_version_bundle(client, mv, tmp)
-        ray.init(
-            address=address or read_stack().get("ray_address"),
-            ignore_reinit_error=True,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        connect_ray(address, log_to_driver=False, configure_logging=False, include_dashboard=None)
         serve.start(http_options={"host": spec.host, "port": spec.port})
         application = build_application(
             {

@@ -13,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from scalelab.config.settings import runtime_settings
 
 log = logging.getLogger("scalelab.tracking")
 
@@ -38,27 +40,53 @@ MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_CHARS = 6000
 
-_env_lock = threading.RLock()
+# The short timeout of MLflow HTTP calls made inside quick_requests() in this thread / task; None
+# outside. Only the code that asked for it sees it: never another thread, never os.environ.
+_QUICK_TIMEOUT: ContextVar[float | None] = ContextVar("scalelab_mlflow_quick_timeout", default=None)
+_install_lock = threading.Lock()
+_installed = False
 
 
 @contextlib.contextmanager
 def quick_requests(timeout_s: float) -> Iterator[None]:
-    """MLflow's own HTTP retries (7, exponential) would stall training for minutes: one try each."""
-    keys = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s))),
-    }
-    with _env_lock:
-        saved = {k: os.environ.get(k) for k in keys}
-        os.environ.update(keys)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    """MLflow's own HTTP retries (7, exponential) would stall training for minutes: inside this
+    block, MLflow HTTP calls made by this thread make one try each, with a ``timeout_s`` timeout.
+
+    Scoped to the calling context (a ContextVar), so other threads' MLflow calls and the process
+    environment are untouched. Calls MLflow runs in its own worker threads (parallel artifact
+    downloads) keep MLflow's defaults.
+    """
+    _install_quick_overrides()
+    token = _QUICK_TIMEOUT.set(max(1.0, float(timeout_s)))
+    try:
+        yield
+    finally:
+        _QUICK_TIMEOUT.reset(token)
+
+
+def _install_quick_overrides() -> None:
+    """Once per process: MLflow reads its HTTP retry and timeout settings through two
+    ``_EnvironmentVariable`` objects (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT``) every
+    time it makes a request; give those two a context-local value inside :func:`quick_requests`.
+    Outside that block they read the environment exactly as before."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        from mlflow import environment_variables as mlflow_env
+
+        def scoped(var, quick_value: Callable[[float], str]) -> None:
+            plain = var.get_raw
+
+            def get_raw() -> str | None:
+                timeout = _QUICK_TIMEOUT.get()
+                return plain() if timeout is None else quick_value(timeout)
+
+            var.get_raw = get_raw  # an instance attribute: only these two objects change
+
+        scoped(mlflow_env.MLFLOW_HTTP_REQUEST_MAX_RETRIES, lambda _t: "0")
+        scoped(mlflow_env.MLFLOW_HTTP_REQUEST_TIMEOUT, lambda t: str(max(1, int(t))))
+        _installed = True
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -87,7 +115,8 @@ class ResilientLogger:
     """Buffered, retried MLflow logging for one run, through an ``MlflowClient``-like object.
 
     ``client`` needs ``log_batch(run_id, metrics, params, tags)`` and ``log_artifact(s)``; unit
-    tests pass a fake. ``clock``/``sleep`` are injectable for the same reason.
+    tests pass a fake. ``clock``/``sleep`` are injectable for the same reason. Timeout and backoff
+    default to the ``SCALELAB_MLFLOW_CALL_TIMEOUT_S`` / ``_BACKOFF_S`` / ``_MAX_BACKOFF_S`` settings.
     """
 
     def __init__(
@@ -95,18 +124,19 @@ class ResilientLogger:
         client: Any,
         run_id: str,
         *,
-        call_timeout_s: float = 5.0,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 10.0,
+        call_timeout_s: float | None = None,
+        backoff_s: float | None = None,
+        max_backoff_s: float | None = None,
         spill_path: str | Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        settings = runtime_settings()
         self.client = client
         self.run_id = run_id
-        self.call_timeout_s = call_timeout_s
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.call_timeout_s = call_timeout_s or settings.mlflow_call_timeout_s
+        self.backoff_s = backoff_s or settings.mlflow_backoff_s
+        self.max_backoff_s = max_backoff_s or settings.mlflow_max_backoff_s
         self.spill_path = Path(spill_path) if spill_path else None
         self.clock = clock
         self.sleep = sleep

@@ -22,9 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from scalelab.cluster.session import STATE_DIR
+from scalelab.config.settings import runtime_settings
 from scalelab.errors import TrackingError
 from scalelab.tracking.resilient import FlushReport, ResilientLogger, quick_requests
-from scalelab.tracking.uri import STATE_DIR, resolve_tracking_uri
+from scalelab.tracking.uri import resolve_tracking_uri
 
 log = logging.getLogger("scalelab.tracking")
 
@@ -72,12 +74,14 @@ def using_tracking_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
-def _retry(what: str, fn, uri: str, attempts: int = 6, first_wait: float = 0.5):
-    """Calls needed to *open* a run: retried briefly, then a TrackingError the user can act on."""
-    wait = first_wait
+def _retry(what: str, fn, uri: str):
+    """Calls needed to *open* a run: retried briefly (``SCALELAB_MLFLOW_OPEN_*``), then a
+    TrackingError the user can act on."""
+    settings = runtime_settings()
+    attempts, wait = settings.mlflow_open_attempts, settings.mlflow_open_wait_s
     for i in range(attempts):
         try:
-            with quick_requests(10):
+            with quick_requests(settings.mlflow_open_timeout_s):
                 return fn()
         except Exception as exc:  # noqa: BLE001
             if (
@@ -322,7 +326,7 @@ def tag_ray_job(target: RunTarget) -> None:
     if tags:
         logger = target.logger("driver")
         logger.set_tags(tags)
-        logger.flush(min(target.flush_timeout_s, 30.0))
+        logger.flush(min(target.flush_timeout_s, runtime_settings().mlflow_end_flush_s))
 
 
 def end_run(target: RunTarget, status: str = "FINISHED") -> None:
@@ -330,7 +334,7 @@ def end_run(target: RunTarget, status: str = "FINISHED") -> None:
 
     logger = ResilientLogger(MlflowClient(target.uri), target.run_id)
     logger.call(f"mark run {status}", lambda: MlflowClient(target.uri).set_terminated(target.run_id, status))
-    logger.flush(min(target.flush_timeout_s, 30.0))
+    logger.flush(min(target.flush_timeout_s, runtime_settings().mlflow_end_flush_s))
 
 
 def download_bundle(run_id: str, dest: str | Path, tracking_uri: str | None = None) -> Path:
@@ -341,7 +345,7 @@ def download_bundle(run_id: str, dest: str | Path, tracking_uri: str | None = No
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        with quick_requests(30):
+        with quick_requests(runtime_settings().mlflow_download_timeout_s):
             path = mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path="bundle", dst_path=str(dest), tracking_uri=uri
             )

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
+from scalelab.cluster.session import STATE_DIR, tracking_uri_of_stack
 from scalelab.errors import ConfigError
-
-STATE_DIR = Path(".scalelab")
-STACK_FILE = STATE_DIR / "stack.json"
-
-
-def read_stack(path: Path = STACK_FILE) -> dict:
-    """The running `scalelab up` stack's addresses and processes ({} when none is recorded)."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return {}
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or read_stack().get("mlflow_url")
+    """The MLflow tracking URI to use; the stack's server is asked of the Ray session module (a
+    corrupt stack file is an error there, never a silent fall-back to the embedded store)."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri_of_stack()
     if not uri:
         STATE_DIR.mkdir(exist_ok=True)
         uri = f"sqlite:///{(STATE_DIR / 'mlflow.db').resolve()}"

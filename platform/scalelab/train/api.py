@@ -80,7 +80,7 @@ def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -
         with ThreadPoolExecutor(max_workers=1) as pool:
             opening = pool.submit(start_training_run, spec, name, data, mode, prepared_path(spec.data))
             if mode == "ray":
-                from scalelab.train.ray_trainer import connect_ray
+                from scalelab.cluster.session import connect_ray
 
                 started_ray = connect_ray()
                 timing["ray_connected"] = time.time()

@@ -23,13 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scalelab.config.settings import runtime_settings
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.dataset import DataVersion
-from scalelab.errors import ConfigError
-
-# Test-only fault injection: "rank=1,epoch=2,marker=/tmp/x" makes that rank os._exit(1) right after
-# reporting that epoch, once (the marker file records that it happened).
-FAULT_ENV = "SCALELAB_FAULT_INJECT"
+from scalelab.errors import ConfigError, ScalelabError
 
 
 def storage_location(spec: RecipeSpec) -> tuple[str, Any]:
@@ -90,6 +87,7 @@ def resolve_data_path(spec: RecipeSpec, data_version: DataVersion | None = None)
 
 
 def parse_fault(text: str | None) -> dict[str, Any] | None:
+    """The testing-only ``SCALELAB_FAULT_INJECT`` setting ("rank=R,epoch=E,marker=PATH"), parsed."""
     if not text:
         return None
     fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
@@ -119,6 +117,7 @@ def build_torch_trainer(
     from scalelab.train.api import default_run_name
 
     t = spec.train
+    settings = runtime_settings()
     name = run_name or default_run_name(spec)
     if run_config is None:
         storage_path, filesystem = storage_location(spec)
@@ -130,7 +129,7 @@ def build_torch_trainer(
                 num_to_keep=t.num_to_keep, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            logging_config=LoggingConfig(log_level=os.environ.get("SCALELAB_RAY_TRAIN_LOG_LEVEL", "WARNING")),
+            logging_config=LoggingConfig(log_level=settings.ray_train_log_level),
         )
     tune_ray_train_startup()
     resources = {"CPU": t.cpus_per_worker}
@@ -141,7 +140,7 @@ def build_torch_trainer(
         "data_path": str(resolve_data_path(spec, data_version)),
         "data_version": data_version.to_dict() if data_version else None,
         "tracking": tracking.to_dict() if tracking is not None else None,
-        "fault": parse_fault(os.environ.get(FAULT_ENV)),
+        "fault": parse_fault(settings.fault_inject),
         "submitted_at": time.time(),
     }
     return TorchTrainer(
@@ -217,14 +216,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             checkpoint=checkpoint,
             checkpoint_dir_name=f"checkpoint_{epoch:04d}" if checkpoint else None,
         )
-        if (
-            fault
-            and rank == fault["rank"]
-            and epoch == fault["epoch"]
-            and not os.path.exists(fault["marker"])
-        ):
-            Path(fault["marker"]).write_text(f"rank {rank} exited after epoch {epoch}\n")
-            os._exit(1)
+
+    if fault is not None and rank == fault["rank"]:
+        report = _exit_after_epoch(report, rank, fault)
 
     with tempfile.TemporaryDirectory(prefix="scalelab-resume-") as tmp:
         resume_from = None
@@ -251,6 +245,20 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     return {"metrics": metrics, "history": result.history, "bundle": bundle, "timing": timing}
 
 
+def _exit_after_epoch(report, rank: int, fault: dict[str, Any]):
+    """Testing only (``SCALELAB_FAULT_INJECT``): ``report`` that makes this worker process exit
+    right after reporting ``fault["epoch"]``, once (the marker file records that it happened).
+    Wrapped around the real one only when the setting names this rank: no check in the hot path."""
+
+    def report_then_exit(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        report(metrics, checkpoint_dir)
+        if int(metrics["epoch"]) == fault["epoch"] and not os.path.exists(fault["marker"]):
+            Path(fault["marker"]).write_text(f"rank {rank} exited after epoch {fault['epoch']}\n")
+            os._exit(1)
+
+    return report_then_exit
+
+
 def _gather_node_ids() -> list[str]:
     """The Ray node id of every rank (rank order): where the workers actually ran."""
     import ray
@@ -262,38 +270,6 @@ def _gather_node_ids() -> list[str]:
     nodes: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, node)
     return [str(n) for n in nodes]
-
-
-def connect_ray(num_cpus: int | None = None) -> bool:
-    """Use the Ray this process is connected to, else ``$RAY_ADDRESS`` / the `scalelab up` stack's
-    head, else start a local one. Returns True when this call started or connected Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    from scalelab.cluster.stack import live_ray_address
-
-    auth_before = os.environ.get("RAY_AUTH_MODE")
-    address = os.environ.get("RAY_ADDRESS") or live_ray_address()  # may set RAY_AUTH_MODE
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        if os.environ.get("RAY_AUTH_MODE") != auth_before:
-            _reload_ray_config()
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local": a new instance, never whatever head someone else started on this machine
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    return True
-
-
-def _reload_ray_config() -> None:
-    """Ray caches RAY_AUTH_MODE when it is imported; re-read it (as Ray's own token setup does)."""
-    try:
-        from ray._raylet import Config
-
-        Config.initialize("")
-    except (ImportError, AttributeError):  # another Ray version: the env var alone must do
-        pass
 
 
 def tune_ray_train_startup() -> None:
@@ -316,17 +292,11 @@ def tune_ray_train_startup() -> None:
 def run_on_ray(spec: RecipeSpec, data, run_name: str, tracking: Any | None = None) -> dict[str, Any]:
     """Fit on Ray Train (connected by the caller); returns rank 0's result and a local copy of the
     latest checkpoint (``checkpoint_dir``, the caller removes it)."""
-    from scalelab.errors import ScalelabError
-
     trainer = build_torch_trainer(spec, data.version, run_name=run_name, tracking=tracking)
     try:
         result = trainer.fit()
     except Exception as exc:
-        raise ScalelabError(
-            f"Ray Train run {run_name!r} failed after {spec.train.max_failures} restart(s): {exc}. "
-            f"Its checkpoints stay in {spec.train.storage_path}/{run_name}; rerun the same command "
-            f"(or --resume {run_name}) to continue from the latest one"
-        ) from exc
+        raise ScalelabError(explain_failure(exc, spec, run_name)) from exc
     out = dict(result.return_value or {})
     if not out:
         raise ScalelabError(f"Ray Train run {run_name!r} finished without a result from rank 0")
@@ -335,3 +305,58 @@ def run_on_ray(spec: RecipeSpec, data, run_name: str, tracking: Any | None = Non
         out["checkpoint_dir"] = result.checkpoint.to_directory(str(local))
     out["storage"] = result.path
     return out
+
+
+def explain_failure(exc: BaseException, spec: RecipeSpec, run_name: str) -> str:
+    """What really happened when ``trainer.fit()`` raised ``exc``, as Ray Train V2 reports it.
+
+    - ``WorkerGroupError``: ranks failed; each either *raised* an exception in the training code
+      or *stopped* (process died, node lost). Ray Train restarts the worker group after either,
+      up to ``train.max_failures`` times, so this is the last of ``max_failures + 1`` attempts.
+    - ``ControllerError``: Ray Train's controller failed with an error it does not retry.
+    - anything else: the run failed outside Ray Train's failure handling (never restarted).
+    """
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    n = spec.train.max_failures
+    resume = (
+        f"Its checkpoints stay in {spec.train.storage_path}/{run_name}; rerun the same command "
+        f"(or --resume {run_name}) to continue from the latest one"
+    )
+    attempts = (
+        f"the last of {n + 1} attempts: Ray Train restarted the workers {n} time(s), train.max_failures={n}"
+        if n
+        else "no restart: train.max_failures=0"
+    )
+    if isinstance(exc, WorkerGroupError):
+        raised, stopped = [], []
+        for rank, err in sorted(exc.worker_failures.items()):
+            # UserExceptionWithTraceback keeps what the training code raised in _base_exc
+            base = getattr(err, "_base_exc", None)
+            if base is not None:
+                raised.append(f"rank {rank} raised {type(base).__name__}: {_first_line(base)}")
+            else:
+                stopped.append(f"rank {rank} stopped ({type(err).__name__}: {_first_line(err)})")
+        if raised:
+            return (
+                f"Ray Train run {run_name!r} failed: the training code {'; '.join(raised + stopped)} "
+                f"({attempts}). Fix the error and rerun; {resume[0].lower()}{resume[1:]}"
+            )
+        return f"Ray Train run {run_name!r} failed: worker {'; '.join(stopped)} ({attempts}). {resume}"
+    if isinstance(exc, ControllerError):
+        cause = exc.controller_failure
+        return (
+            f"Ray Train run {run_name!r} failed in Ray Train's controller, which does not retry this "
+            f"error: {type(cause).__name__}: {_first_line(cause)}. {resume}"
+        )
+    return (
+        f"Ray Train run {run_name!r} failed outside training (no worker restart was tried): "
+        f"{type(exc).__name__}: {_first_line(exc)}. {resume}"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, ScalelabError):  # written for the user: all of it
+        return str(exc)
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else "(no message)"

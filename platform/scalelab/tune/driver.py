@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scalelab.cluster.session import connect_ray
 from scalelab.config.loader import dump_recipe, flatten, load_recipe, spec_hash
 from scalelab.config.specs import RecipeSpec, SearchSpec
 from scalelab.errors import ConfigError
@@ -72,20 +73,12 @@ def trial_base(spec: RecipeSpec, search_dir: Path) -> dict[str, Any]:
 
 
 def ensure_ray() -> bool:
-    """Connect to $RAY_ADDRESS / the `scalelab up` stack, or start a local Ray. True if started here."""
-    import ray
-
+    """Tune's environment, then the Ray session (:func:`scalelab.cluster.session.connect_ray`:
+    $RAY_ADDRESS, the `scalelab up` stack's head, or a local Ray). True if connected here."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # every epoch checkpoints; Tune's warning about the resulting state snapshots is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if ray.is_initialized():
-        return False
-    from scalelab.tracking.uri import read_stack
-
-    # "local": a fresh Ray, never whichever `ray start` cluster another user left on this machine
-    address = os.environ.get("RAY_ADDRESS") or read_stack().get("ray_address") or "local"
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    return True
+    return connect_ray(log_to_driver=False, configure_logging=False)
 
 
 def resolve_search_dir(output_dir: str, name: str) -> Path:

@@ -1,10 +1,44 @@
-"""The registered model family. A variant is a name and a few fields of ModelSpec.
+"""The registered model family: each variant is a name and a config (a few fields of ModelSpec).
+
+Variants are named configurations, so they live with the configuration: ``ModelSpec`` starts from
+``model.variant`` when it validates, without importing the models package (which builds the
+networks). ``scalelab.models`` re-exports :func:`list_models` and :func:`variant_config`.
 
 Baselines (``scales=1``) are sized to match their multi-scale partner's parameter count within a
 few percent, so comparisons are fair; ``tests/unit/test_models.py`` checks the match.
 """
 
-from scalelab.models.registry import register_model
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from typing import Any
+
+_VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {}
+
+
+def register_model(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """Decorator: the function's name is the variant name, its return value the config."""
+    if fn.__name__ in _VARIANTS:
+        raise ValueError(f"model variant {fn.__name__!r} is registered twice")
+    _VARIANTS[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
+    names = sorted(n for n in _VARIANTS if fnmatch.fnmatch(n, pattern))
+    if task is not None:
+        names = [n for n in names if _VARIANTS[n]().get("task", "classification") == task]
+    return names
+
+
+def variant_config(name: str) -> dict[str, Any]:
+    if name not in _VARIANTS:
+        raise ValueError(f"unknown model variant {name!r}; known: {', '.join(sorted(_VARIANTS))}")
+    return {"variant": name, **_VARIANTS[name]()}
+
+
+# ------------------------------------------------------------------ classification
 
 
 @register_model

@@ -1,0 +1,208 @@
+"""The one Ray session: the `scalelab up` stack file, Ray token auth, and :func:`connect_ray`.
+
+Every command that needs Ray (train, tune, serve, the pipeline) connects through
+:func:`connect_ray`; the job client finds the Jobs API through :func:`jobs_api_address`. Where a
+driver connects, in order: the Ray this process already holds; ``$RAY_ADDRESS``; the head that
+`scalelab up` recorded in ``.scalelab/stack.json`` (if its process still runs); else a new local
+Ray of this process's own (``address="local"``: never a cluster someone else left on the machine).
+
+A head started by `scalelab up` runs with token authentication; the stack file records that
+(``ray_auth_mode``) and a driver connecting to it must say so too (:func:`use_auth_mode`).
+
+This module is low in the stack: it depends on ``config`` and ``errors`` only, so tracking, train,
+tune and serve may all use it. Starting and stopping the stack's processes is ``cluster/stack.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from scalelab.config.settings import runtime_settings
+from scalelab.errors import ClusterError
+
+STATE_DIR = Path(".scalelab")
+STACK_FILE = STATE_DIR / "stack.json"
+
+
+# ----------------------------------------------------------------------------- the stack file
+
+
+def read_stack(path: Path = STACK_FILE) -> dict[str, Any]:
+    """The running `scalelab up` stack's addresses and processes ({} when none is recorded).
+
+    A file that is not a JSON object is an error, never "no stack": the processes it recorded may
+    still run, and silently falling back (e.g. to an embedded MLflow store) would hide them.
+    """
+    if not path.is_file():
+        return {}
+    try:
+        stack = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise _corrupt(path, f"it is not valid JSON ({exc})") from None
+    if not isinstance(stack, dict):
+        raise _corrupt(path, f"it holds a {type(stack).__name__}, not a JSON object")
+    return stack
+
+
+def _corrupt(path: Path, why: str) -> ClusterError:
+    return ClusterError(
+        f"the stack file {path} cannot be read: {why}. Delete it (`rm {path}`) and start the stack "
+        f"again with `scalelab up`; processes it recorded may still run (their logs are in "
+        f"{path.parent / 'stack'}/ and name their ports; stop them by pid)"
+    )
+
+
+def write_stack(stack: dict[str, Any], path: Path = STACK_FILE) -> Path:
+    """Write atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(stack, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # our own child that exited but was not reaped is dead too
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def live_ray_address(path: Path = STACK_FILE) -> str | None:
+    """The stack's Ray head address if its process still runs, else None."""
+    stack = read_stack(path)
+    for entry in stack.get("services", []):
+        if entry.get("name") == "ray" and pid_alive(int(entry["pid"])):
+            return stack.get("ray_address")
+    return None
+
+
+def tracking_uri_of_stack(path: Path = STACK_FILE) -> str | None:
+    """The `scalelab up` MLflow server's URL, if the stack recorded one."""
+    return read_stack(path).get("mlflow_url")
+
+
+# ----------------------------------------------------------------------------- token auth
+
+
+def use_auth_mode(mode: str | None) -> None:
+    """Make this process's Ray use ``mode`` (e.g. "token") unless ``$RAY_AUTH_MODE`` says otherwise.
+
+    Ray reads RAY_AUTH_MODE once when it is imported, so an already imported Ray re-reads it (as
+    Ray's own token setup does).
+    """
+    if not mode or "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = mode
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # another Ray version: the env var alone must do
+        pass
+
+
+def head_auth_env() -> dict[str, str]:
+    """The environment a head started by `scalelab up` runs with: token auth unless
+    ``$RAY_AUTH_MODE`` says otherwise; a token is made (``~/.ray/auth_token``) if there is none."""
+    mode = os.environ.get("RAY_AUTH_MODE", "token")
+    if (
+        mode == "token"
+        and not (Path.home() / ".ray" / "auth_token").is_file()
+        and not os.environ.get("RAY_AUTH_TOKEN")
+    ):
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()
+    return {"RAY_AUTH_MODE": mode}
+
+
+# ----------------------------------------------------------------------------- connecting
+
+
+def connect_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    log_to_driver: bool = True,
+    configure_logging: bool = True,
+    include_dashboard: bool | None = False,
+    stack_file: Path = STACK_FILE,
+) -> bool:
+    """Connect this process to Ray; returns True when this call connected (or started) it.
+
+    ``address`` (e.g. a command's ``--address``) wins over ``$RAY_ADDRESS``, which wins over the
+    `scalelab up` stack's live head; with none of them a new local Ray starts (``num_cpus``,
+    ``include_dashboard`` apply only to that one). A head that does not answer within
+    ``SCALELAB_RAY_CONNECT_TIMEOUT_S`` is a :class:`ClusterError` naming where its address came from.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    source = "--address" if address else "$RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        address = live_ray_address(stack_file)
+        source = str(stack_file)
+        if address:
+            use_auth_mode(read_stack(stack_file).get("ray_auth_mode"))
+    if not address or address == "local":
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=include_dashboard,
+            log_to_driver=log_to_driver,
+            configure_logging=configure_logging,
+        )
+        return True
+    _check_reachable(address, source)
+    ray.init(address=address, log_to_driver=log_to_driver, configure_logging=configure_logging)
+    return True
+
+
+def _check_reachable(address: str, source: str) -> None:
+    """Fail fast, and clearly, when a plain ``host:port`` head address does not accept connections
+    (``ray.init`` would otherwise retry for a minute and say little). Other forms (``auto``,
+    ``ray://``) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "/" in address or not port.isdigit():
+        return
+    timeout = runtime_settings().ray_connect_timeout_s
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):  # [::1]:6379
+            return
+    except OSError as exc:
+        raise ClusterError(
+            f"no Ray head answers at {address} (from {source}): {exc}. Start one with `scalelab up`, "
+            f"or point RAY_ADDRESS at a running head (unset it to use a local Ray)"
+        ) from None
+
+
+def jobs_api_address(explicit: str | None = None, stack_file: Path = STACK_FILE) -> str:
+    """The Ray Jobs API (dashboard) URL: ``explicit``, ``$RAY_DASHBOARD_ADDRESS``, or the stack's.
+
+    The stack's head runs with token auth: talking to it, this process says so too.
+    """
+    stack = read_stack(stack_file)
+    addr = explicit or os.environ.get("RAY_DASHBOARD_ADDRESS") or stack.get("dashboard_url")
+    if not addr:
+        raise ClusterError(
+            "no Ray cluster to submit to: pass --address http://HEAD:8265, set RAY_DASHBOARD_ADDRESS, "
+            "or start a local one with `scalelab up`"
+        )
+    if addr == stack.get("dashboard_url"):
+        use_auth_mode(stack.get("ray_auth_mode"))
+    return addr

@@ -23,23 +23,20 @@ def register(app: typer.Typer) -> None:
         num_classes: int = typer.Option(10, help="Classes."),
     ) -> None:
         """List registered variants with scales, depths, widths, parameters and FLOPs."""
-        from scalelab.models import count_flops, count_params, create_model, list_models, variant_config
+        from scalelab.models.summary import variant_rows
 
         table = Table(title=f"model variants ({in_chans}x{image_size}x{image_size}, {num_classes} classes)")
         for col in ("name", "task", "scales", "depths", "widths", "head", "params", "MFLOPs"):
             table.add_column(col, justify="right" if col in ("params", "MFLOPs", "scales") else "left")
-        for name in list_models(pattern):
-            cfg = variant_config(name)
-            model = create_model(name, in_chans=in_chans, num_classes=num_classes, image_size=image_size)
-            flops = count_flops(model, in_chans, image_size)
+        for row in variant_rows(pattern, in_chans=in_chans, image_size=image_size, num_classes=num_classes):
             table.add_row(
-                name,
-                cfg.get("task", "classification"),
-                str(cfg.get("scales", 4)),
-                str(cfg.get("depths")),
-                str(cfg.get("widths")),
-                cfg.get("head", "mean_logits"),
-                f"{count_params(model):,}",
-                f"{flops / 1e6:.1f}",
+                row["name"],
+                row["task"],
+                str(row["scales"]),
+                str(row["depths"]),
+                str(row["widths"]),
+                row["head"],
+                f"{row['params']:,}",
+                f"{row['flops'] / 1e6:.1f}",
             )
         Console(width=160).print(table)

@@ -3,20 +3,30 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SCALELAB := $(VENV)/bin/scalelab
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
+INSTALLER ?= uv
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo down test test-unit test-integration lint format bench repro clean
+.PHONY: setup lock lock-check system-deps demo down test test-unit test-integration lint format bench repro clean
 
-$(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
-	@echo "installing scalelab and its pinned stack into $(VENV) (first time: a few minutes)"
-	@# torch is pinned to 2.13.0 (a CPU wheel on disk here); an unpinned torch pulls a CUDA build
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-	@$(PY) -c "import scalelab, torch, ray, mlflow, dvc" || (echo "install failed"; exit 1)
+# Installs requirements.lock (every pin hashed; torch the CPU build) with uv, which pip bootstraps
+# from the lock; `make setup INSTALLER=pip` installs the same lock with pip alone (slower).
+$(STAMP): pyproject.toml requirements.lock
+	@echo "installing requirements.lock and scalelab into $(VENV) with $(INSTALLER)"
+	VENV=$(VENV) tools/deps.sh setup $(INSTALLER)
+	@$(PY) -c "import scalelab, torch, ray, mlflow, dvc; assert torch.version.cuda is None, 'a CUDA torch'" \
+	  || (echo "install failed"; exit 1)
 	@rm -f $(VENV)/.installed-*; touch $@
 
 setup: $(STAMP) system-deps
+
+# Re-resolve pyproject.toml into requirements.lock (existing pins kept where they still fit; to move
+# one: delete its lines first). lock-check: the lock still matches pyproject.toml (CI runs it).
+lock:
+	VENV=$(VENV) tools/deps.sh lock
+
+lock-check:
+	VENV=$(VENV) tools/deps.sh lock-check
 
 # Debian packages: the Fashion-MNIST dataset (benchmarks) and Chromium (browser tests).
 # Best effort: skipped where apt is unavailable; nothing in `make test` requires the dataset.
@@ -33,6 +43,9 @@ system-deps:
 # Ray Serve (left running on a local Ray head: `make down` or `scalelab down` stops it), report.
 demo: setup
 	$(SCALELAB) pipeline run pipelines/digits.yaml
+	@echo
+	@echo "see the runs, the search and the registry: $(SCALELAB) ui   (MLflow UI on 127.0.0.1; Ctrl-C stops it)"
+	@echo "the Ray head with the served model keeps running (~0.2 of a core when idle); stop it with: make down"
 
 down: setup
 	$(SCALELAB) down

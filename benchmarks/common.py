@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,3 +38,57 @@ def write_results(name: str, figures: dict) -> Path:
     path.write_text(json.dumps({**figures, **machine()}, indent=2, sort_keys=False) + "\n")
     print(f"wrote {path}")
     return path
+
+
+ALLOW_STACK_ENV = "SCALELAB_BENCH_WITH_STACK"  # =1: run anyway (figures flagged, a loud warning)
+
+
+def running_stacks(folders: list[Path] | None = None) -> list[tuple[Path, list[str]]]:
+    """Scalelab stacks (``.scalelab/stack.json`` with live pids) in the repo and the cwd."""
+    repo = Path(__file__).resolve().parents[1]
+    found = []
+    for folder in dict.fromkeys(folders or [repo, Path.cwd()]):
+        stack_file = folder / ".scalelab" / "stack.json"
+        try:
+            services = json.loads(stack_file.read_text()).get("services", [])
+        except (OSError, ValueError):
+            continue
+        live = [f"{s['name']} (pid {s['pid']})" for s in services if _alive(int(s.get("pid", 0)))]
+        if live:
+            found.append((stack_file, live))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def refuse_while_stack_runs(folders: list[Path] | None = None) -> None:
+    """Refuse to measure while a scalelab stack runs: an idle Ray head with Serve (controller,
+    proxy, replica, GCS, log monitor, dashboard) takes ~0.2 of a core here and slows every figure.
+    ``SCALELAB_BENCH_WITH_STACK=1`` runs anyway, with the warning."""
+    stacks = running_stacks(folders)
+    if not stacks:
+        return
+    lines = [f"  {path}: {', '.join(live)}" for path, live in stacks]
+    message = "\n".join(
+        [
+            "!" * 78,
+            "A scalelab stack is running; its idle Ray head + Serve take ~0.2 of a core and skew timings:",
+            *lines,
+            "Stop it first (`make down` or `scalelab down` in that folder), or set "
+            f"{ALLOW_STACK_ENV}=1 to measure anyway.",
+            "!" * 78,
+        ]
+    )
+    print(message, file=sys.stderr, flush=True)
+    if os.environ.get(ALLOW_STACK_ENV) != "1":
+        raise SystemExit(2)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write_results  # noqa: E402
+from common import median, refuse_while_stack_runs, write_results  # noqa: E402
 from scalelab.config import validate_recipe  # noqa: E402
 from scalelab.data import read_raw  # noqa: E402
 from scalelab.train.loop import fit  # noqa: E402
@@ -80,6 +80,7 @@ def recipe(variant: str, seed: int, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    refuse_while_stack_runs()
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=12)

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
-from common import median, write_results  # noqa: E402
+from common import median, refuse_while_stack_runs, write_results  # noqa: E402
 from scalelab.config import load_recipe  # noqa: E402
 from scalelab.data import load_dataset  # noqa: E402
 from scalelab.models import count_flops, create_model  # noqa: E402
@@ -61,6 +61,7 @@ def run(variant: str, seed: int, epochs: int, precision: str, data_dir: str) -> 
 
 
 def main() -> None:
+    refuse_while_stack_runs()
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=40)

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, refuse_while_stack_runs, write_results  # noqa: E402
 
 MAX_PARAMS = 1_000_000
 
@@ -77,6 +77,7 @@ def train(variant: str, epochs: int | None, workdir: Path) -> dict:
 
 
 def main() -> None:
+    refuse_while_stack_runs()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=None, help="Override the recipe's epochs (a quicker run).")
     ap.add_argument("--skip-baseline", action="store_true", help="Only the multi-scale recipe.")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write_results  # noqa: E402
+from common import median, refuse_while_stack_runs, write_results  # noqa: E402
 from scalelab.config import validate_recipe  # noqa: E402
 from scalelab.data import read_raw  # noqa: E402
 from scalelab.data.dataset import Dataset  # noqa: E402
@@ -94,6 +94,7 @@ def train_step_images_per_s(spec, data: Dataset, batch: int, steps: int, repeats
 
 
 def main() -> None:
+    refuse_while_stack_runs()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="training steps per timed repeat")

@@ -1,6 +1,6 @@
 """Serving benchmark: Ray Serve (batched, unbatched) vs bare FastAPI+uvicorn+torch; a swap under load.
 
-All three serve the same model bundle with the same preprocessing (``scalelab.serve.preprocess``) and
+All three serve the same model bundle with the same preprocessing (``scalelab.artifacts.preprocess``) and
 one torch thread each (a 1-CPU replica; the bare app is one uvicorn process). A small asyncio/httpx
 client posts one base64 PNG per request at concurrency 1, 8, 32, 64 for a fixed time and records
 req/s and p50/p99 latency. Then, with the batched app following ``@champion`` of an embedded
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import refuse_while_stack_runs, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -64,9 +64,9 @@ def pick_model(args) -> tuple[str, Path, dict]:
 def request_body(bundle: Path) -> bytes:
     from PIL import Image
 
+    from scalelab.artifacts.bundle import read_bundle_meta
     from scalelab.config.specs import DataSpec
     from scalelab.data.catalog import load_dataset
-    from scalelab.train.checkpoint import read_bundle_meta
 
     meta = read_bundle_meta(bundle)
     x = load_dataset(DataSpec.model_validate(meta["recipe"]["data"])).splits["test"].x[0]
@@ -151,8 +151,8 @@ def bare_server(bundle: str, port: int) -> None:
     from fastapi import FastAPI
     from pydantic import BaseModel
 
-    from scalelab.serve.predictor import Predictor
-    from scalelab.serve.preprocess import decode_base64
+    from scalelab.artifacts.predictor import Predictor
+    from scalelab.artifacts.preprocess import decode_base64
 
     torch.set_num_threads(1)
     predictor = Predictor.from_bundle(bundle)
@@ -177,8 +177,8 @@ def swap_under_load(bundle: Path, port: int, body: bytes, work: Path) -> dict:
     from scalelab.config.specs import ServeSpec
     from scalelab.registry.promote import promote
     from scalelab.registry.register import log_bundle_run, register_run
-    from scalelab.registry.store import connect
     from scalelab.serve.deploy import build_application
+    from scalelab.tracking.bundles import connect
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = connect(uri)
@@ -249,6 +249,7 @@ def swap_under_load(bundle: Path, port: int, body: bytes, work: Path) -> dict:
 
 
 def main() -> None:
+    refuse_while_stack_runs()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -270,8 +271,8 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from scalelab.artifacts.bundle import read_bundle_meta
     from scalelab.cluster.services import free_port, wait_http
-    from scalelab.train.checkpoint import read_bundle_meta
 
     meta = read_bundle_meta(bundle)
     dataset = meta["dataset"]["name"]

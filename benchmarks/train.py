@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import machine, write_results  # noqa: E402
+from common import machine, refuse_while_stack_runs, write_results  # noqa: E402
 
 EPOCHS = 6
 ROUNDS = 3
@@ -139,6 +139,7 @@ def first_step(workdir: Path, env: dict, label: str) -> dict:
 
 
 def main() -> None:
+    refuse_while_stack_runs()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
     (workdir / "pipelines").symlink_to(REPO / "pipelines")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write_results  # noqa: E402
+from common import median, refuse_while_stack_runs, write_results  # noqa: E402
 from scalelab.config import load_recipe  # noqa: E402
 from scalelab.tune.driver import run_search  # noqa: E402
 
@@ -63,6 +63,7 @@ def overhead(recipe: str, out: str, mode: str, trials: int) -> tuple[float, list
 
 
 def main() -> None:
+    refuse_while_stack_runs()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipe", default="pipelines/digits.yaml")
     parser.add_argument("--overhead-trials", type=int, default=3)

@@ -25,6 +25,7 @@ from rich.console import Console
 from typer import _click as click
 from typer.core import TyperCommand, TyperGroup
 
+from scalelab.config.console import quiet_third_party_logs
 from scalelab.errors import ScalelabError
 
 
@@ -80,6 +81,10 @@ VERBS: dict[str, Verb | Group] = {
     "tune": Verb(
         "scalelab.tune.commands:tune_command",
         "Search scales, depths, widths and optimiser settings with Ray Tune (ASHA + Optuna).",
+    ),
+    "ui": Verb(
+        "scalelab.cluster.ui_commands:ui_command",
+        "Open the MLflow UI (runs, searches, registry) on this project's store; Ctrl-C stops it.",
     ),
     "data": Group(
         "Datasets: prepare and version them with DVC.",
@@ -255,6 +260,7 @@ err_console = Console(stderr=True)
 
 
 def main() -> None:
+    quiet_third_party_logs()
     try:
         app(standalone_mode=False)
     except ScalelabError as exc:

@@ -144,6 +144,7 @@ def digits_bundles(tmp_path_factory) -> dict:
                     "train.threads=1",
                     "tracking.enabled=false",
                     f"train.run_name={label}",
+                    "promotion.allow_unversioned_data=true",  # a temp folder: no DVC, no git
                 ],
             )
             outcome = run_training(spec)

@@ -85,6 +85,11 @@ def test_spread_job_runs_on_two_nodes(cluster):
     assert "SUCCEEDED" in out
     nodes = re.search(r"workers ran on (\d+) node\(s\): (.+)", out)
     assert nodes and int(nodes.group(1)) == 2, out[-3000:]
+    # one line per event: each node's log monitor used to stream every worker's lines (3 nodes: 3x),
+    # between Ray Train's raw per-report dictionaries
+    for epoch in (1, 2):
+        assert len(re.findall(rf"epoch\s+{epoch}\s+loss", out)) == 1, out[-3000:]
+    assert "Reporting training result" not in out and "TrainingReport(" not in out
 
 
 def test_killed_worker_node_resumes_from_checkpoint(cluster):

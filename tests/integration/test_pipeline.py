@@ -28,6 +28,7 @@ def small(port: int) -> list[str]:
         "train.threads=1",
         "promotion.min_accuracy=0.5",
         "promotion.latency_p95_ms=2000",
+        "promotion.allow_unversioned_data=true",  # a temp folder: no DVC, no git
         f"serve.port={port}",
         "tracking.experiment=pipeline-test",
     ]

@@ -15,7 +15,8 @@ from scalelab.errors import CheckpointError, RegistryError, TrackingError
 from scalelab.registry.history import read_history
 from scalelab.registry.promote import promote, rollback
 from scalelab.registry.register import log_bundle_run, register_run
-from scalelab.registry.store import champion, connect
+from scalelab.registry.store import champion
+from scalelab.tracking.bundles import connect
 
 pytestmark = pytest.mark.integration
 SCALELAB = str(Path(sys.executable).parent / "scalelab")

@@ -23,9 +23,9 @@ from scalelab.cluster.services import free_port
 from scalelab.config.specs import ServeSpec
 from scalelab.registry.promote import promote
 from scalelab.registry.register import log_bundle_run, register_run
-from scalelab.registry.store import connect
 from scalelab.serve.deploy import build_application
 from scalelab.serve.settings import key_sha256, replica_config
+from scalelab.tracking.bundles import connect
 
 pytestmark = pytest.mark.integration
 APP = "scalelab-test"
@@ -87,8 +87,8 @@ def local_ray(request):
 def served(local_ray, mlflow_server, digits_bundles, tmp_path_factory):
     from ray import serve
 
+    from scalelab.artifacts.bundle import read_bundle_meta
     from scalelab.registry.gate import load_test_split
-    from scalelab.train.checkpoint import read_bundle_meta
 
     old_cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("serve-work"))  # the gate prepares held-out data here
@@ -123,7 +123,7 @@ def served(local_ray, mlflow_server, digits_bundles, tmp_path_factory):
 
 
 def test_predicts_held_out_pngs_like_offline_evaluation(served):
-    from scalelab.serve.predictor import Predictor
+    from scalelab.artifacts.predictor import Predictor
 
     info = httpx.get(f"{served.url}/v1/model").json()
     assert info["version"] == served.versions["good"] and info["alias"] == "champion"
@@ -476,6 +476,135 @@ def test_demo_page_in_headless_chromium(served, tmp_path, headless_chromium):
         deploy(served)
     assert "API key required" in result["asked"]
     assert result["top1"] == expected and result["bars"] == 5
+
+
+async def _cdp_draw_samples_lineage(ws_url: str, page_url: str) -> dict:
+    """Draw a "1" with real mouse input on the pad, click a held-out sample, read the lineage."""
+    import websockets
+
+    async with websockets.connect(ws_url, max_size=None) as ws:
+        counter = 0
+
+        async def call(method: str, **params):
+            nonlocal counter
+            counter += 1
+            my_id = counter
+            await ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
+            while True:
+                msg = json.loads(await ws.recv())
+                if msg.get("id") == my_id:
+                    if "error" in msg:
+                        raise AssertionError(f"{method}: {msg['error']}")
+                    return msg.get("result", {})
+
+        async def js(expr: str):
+            return (await call("Runtime.evaluate", expression=expr, returnByValue=True))["result"].get(
+                "value"
+            )
+
+        async def wait_for(expr: str, timeout: float = 30.0):
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                value = await js(expr)
+                if value:
+                    return value
+                await asyncio.sleep(0.2)
+            raise AssertionError(f"timed out waiting for {expr}")
+
+        top1 = (
+            "(() => { const t = document.getElementById('top1').textContent; "
+            "return (t !== '—' && t !== '…') ? t : null })()"
+        )
+        await call("Page.enable")
+        await call("Page.navigate", url=page_url)
+        await wait_for("document.querySelectorAll('#samples .sample').length >= 10")
+        box = await js(
+            "(() => { const r = document.getElementById('pad').getBoundingClientRect(); "
+            "return [r.left, r.top, r.width, r.height]; })()"
+        )
+        left, top, width, height = box
+        x = left + width / 2
+        await call(
+            "Input.dispatchMouseEvent",
+            type="mousePressed",
+            x=x,
+            y=top + 0.15 * height,
+            button="left",
+            clickCount=1,
+        )
+        for i in range(1, 21):  # a vertical stroke: the digit one
+            y = top + (0.15 + 0.7 * i / 20) * height
+            await call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y, button="left", buttons=1)
+        await call(
+            "Input.dispatchMouseEvent",
+            type="mouseReleased",
+            x=x,
+            y=top + 0.85 * height,
+            button="left",
+            clickCount=1,
+        )
+        drawn = await wait_for(top1)
+        drawn_bars = await js("document.querySelectorAll('#bars .row').length")
+        drawing_png = await js("document.getElementById('pad').toDataURL('image/png')")
+        sample_label = await js(
+            "(() => { const b = document.querySelector('#samples .sample'); b.click(); "
+            "return b.dataset.label; })()"
+        )
+        truth = await wait_for("document.getElementById('truth').textContent")
+        sample_top1 = await js(top1)
+        lineage = await js("document.getElementById('lineage').textContent")
+        run_link = await js("document.getElementById('run-link') && document.getElementById('run-link').href")
+        return {
+            "drawn": drawn,
+            "drawn_bars": drawn_bars,
+            "drawing_png": drawing_png,
+            "sample_label": sample_label,
+            "truth": truth,
+            "sample_top1": sample_top1,
+            "lineage": lineage,
+            "run_link": run_link,
+        }
+
+
+def test_demo_page_draw_samples_and_lineage(served, tmp_path, headless_chromium):
+    chromium = headless_chromium(tempfile.mkdtemp(dir=tmp_path))
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [*chromium, f"--remote-debugging-port={port}", "--remote-allow-origins=*", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                page = next(t for t in targets if t.get("type") == "page")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                assert time.time() < deadline, "chromium did not start"
+                time.sleep(0.3)
+        result = asyncio.run(_cdp_draw_samples_lineage(page["webSocketDebuggerUrl"], f"{served.url}/"))
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=20)
+    # the drawing goes the upload path: the server scales the very PNG the page sent
+    raw = base64.b64decode(result["drawing_png"].split(",", 1)[1])
+    direct = httpx.post(
+        f"{served.url}/v1/predict/file", files=[("files", ("d.png", raw, "image/png"))]
+    ).json()
+    assert result["drawn"] == direct["predictions"][0][0]["class"] and result["drawn_bars"] == 5
+    # a held-out sample, with its true label shown next to the prediction
+    assert f"true label {result['sample_label']}" in result["truth"]
+    assert ("right" in result["truth"]) == (result["sample_top1"] == result["sample_label"])
+    info = httpx.get(f"{served.url}/v1/model").json()
+    assert f"v{info['version']}" in result["lineage"] and "@champion" in result["lineage"]
+    assert info["data_version"]["name"] in result["lineage"]
+    experiment_id = served.client.get_run(info["run_id"]).info.experiment_id
+    assert result["run_link"] == f"{served.uri}/#/experiments/{experiment_id}/runs/{info['run_id']}"
 
 
 def test_prometheus_metrics_carry_the_model_version(served):

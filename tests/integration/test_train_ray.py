@@ -40,9 +40,9 @@ def test_two_workers_checkpoint_to_s3_and_log_everything(
     import boto3
     import mlflow
 
+    from scalelab.artifacts.bundle import load_model_bundle
     from scalelab.tracking import download_bundle
     from scalelab.tracking.runs import using_tracking_uri
-    from scalelab.train.checkpoint import load_model_bundle
 
     spec = load_recipe(
         "pipelines/digits.yaml",

@@ -80,7 +80,8 @@ def test_reprepared_data_that_no_longer_matches_dvc_lock_is_refused(workdir: Pat
     fake_dvc_repo(workdir, "data/digits", dvc_dir_hash(prepare(digits())))
     prepare(digits(split_seed=1))  # different data, consistent checksums, but not what DVC recorded
     with pytest.raises(
-        DataError, match=r"no longer matches dvc\.lock.*dvc checkout data/digits.*scalelab data prepare"
+        DataError,
+        match=r"no longer matches dvc\.lock.*dvc checkout --force --relink data/digits.*data prepare",
     ):
         load_dataset(digits())
     report = verify_prepared(digits())

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from scalelab.artifacts.evaluate import coco_map
+from scalelab.artifacts.predictor import predict_boxes
 from scalelab.config import load_recipe
 from scalelab.config.specs import DataSpec, ModelSpec
 from scalelab.data import read_prepared, read_raw, write_prepared
@@ -17,8 +19,8 @@ from scalelab.data.dataset import Split
 from scalelab.data.scenes import write_coco
 from scalelab.errors import ConfigError, DataError
 from scalelab.models import count_params, create_model, list_models
-from scalelab.models.detection import batched_nms, box_iou, build_detector, decode, nms, predict_boxes
-from scalelab.train.detection import BoxTargets, coco_map, encode_targets
+from scalelab.models.detection import batched_nms, box_iou, build_detector, decode, nms
+from scalelab.models.detection_loss import BoxTargets, encode_targets
 
 SCENES = {"num_scenes": 40, "objects_per_scene": [1, 4], "object_size": [6, 24]}
 
@@ -226,7 +228,7 @@ def test_targets_and_decoding_invert_each_other():
 
 
 def test_loss_without_objects_still_reaches_every_parameter():
-    from scalelab.train.detection import detection_loss
+    from scalelab.models.detection_loss import detection_loss
 
     det = create_model("msdet_s", in_chans=1, num_classes=3, image_size=32)
     empty = BoxTargets([torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.long)] * 2, torch.arange(2), 32)
@@ -307,9 +309,9 @@ MAP50_FLOOR = 0.6  # measured 0.85-0.86 after these 8 epochs (seed 0); ~50 s on 
 
 
 def test_short_detection_run_reaches_map_floor(workdir: Path):
+    from scalelab.artifacts.bundle import load_model_bundle
     from scalelab.data import load_dataset
     from scalelab.train.api import run_training
-    from scalelab.train.checkpoint import load_model_bundle
 
     spec = load_recipe("pipelines/scenes.yaml", FAST)
     out = run_training(spec)
@@ -328,3 +330,29 @@ def test_short_detection_run_reaches_map_floor(workdir: Path):
         [b for b, s in zip(small["boxes"], small["scores"], strict=True) if s > 0.3]
     ).view(-1, 4)
     assert (box_iou(truth, confident).max(1).values > 0.5).float().mean() >= 0.5  # most objects found
+
+
+def test_evaluate_verb_scores_a_detection_bundle_as_training_did(workdir: Path):
+    from typer.testing import CliRunner
+
+    from scalelab.cli import app
+    from scalelab.train.api import run_training
+
+    tiny = [
+        "data.scenes.num_scenes=200",
+        "train.epochs=1",
+        "train.threads=1",
+        "tracking.enabled=false",
+        "train.run_name=det-eval",
+    ]
+    trained = run_training(load_recipe("pipelines/scenes.yaml", tiny))
+    dest = workdir / "eval.json"
+    result = CliRunner().invoke(
+        app, ["evaluate", str(trained.model_dir), "pipelines/scenes.yaml", *tiny, "--out", str(dest)]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(dest.read_text())
+    for key in ("test_acc", "test_map50", "test_map", "test_loss"):  # *_acc is mAP@0.5
+        assert metrics[key] == pytest.approx(trained.metrics[key], abs=1e-6), key
+    assert metrics["test_loss"] > 0 and metrics["confusion"] == [] and metrics["images"] == 40
+    assert metrics["same_data_as_training"] is True

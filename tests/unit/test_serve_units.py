@@ -11,10 +11,7 @@ import pytest
 import torch
 import yaml
 
-from scalelab.config.specs import ServeSpec
-from scalelab.data.dataset import Split
-from scalelab.data.loader import TensorLoader
-from scalelab.serve.preprocess import (
+from scalelab.artifacts.preprocess import (
     BadInput,
     InputSpec,
     decode_array,
@@ -22,6 +19,9 @@ from scalelab.serve.preprocess import (
     decode_image_bytes,
     normalise,
 )
+from scalelab.config.specs import ServeSpec
+from scalelab.data.dataset import Split
+from scalelab.data.loader import TensorLoader
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC1 = InputSpec(8, 1, (0.3,), (0.4,), tuple("0123456789"))

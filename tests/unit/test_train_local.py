@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from scalelab.artifacts.bundle import WEIGHTS, load_model_bundle
 from scalelab.config import load_recipe
 from scalelab.data import load_dataset
 from scalelab.errors import CheckpointError, ConfigError
 from scalelab.train.api import run_training
-from scalelab.train.checkpoint import WEIGHTS, load_model_bundle
 from scalelab.train.loop import lr_factor, per_worker_batch
 
 FAST = [
@@ -78,7 +78,7 @@ def test_mismatched_spec_explained(workdir: Path):
     )
     meta_path = out.model_dir / "model.json"
     meta = json.loads(meta_path.read_text())
-    meta["recipe"]["model"]["widths"] = [32, 64, 256]
+    meta["model"]["spec"]["widths"] = [32, 64, 256]  # the spec the bundle is rebuilt from
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_model_bundle(out.model_dir)
@@ -101,8 +101,9 @@ def test_schedules_are_bounded():
 
 
 def test_bf16_autocast_selected_only_when_supported():
+    from scalelab.artifacts.hardware import cpu_has_fast_bf16
     from scalelab.config import TrainSpec
-    from scalelab.train.runtime import cpu_has_fast_bf16, select_runtime
+    from scalelab.train.runtime import select_runtime
 
     rt = select_runtime(TrainSpec(precision="auto"))
     assert rt.device.type == "cpu"

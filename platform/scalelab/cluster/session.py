@@ -113,6 +113,13 @@ def use_auth_mode(mode: str | None) -> None:
         pass
 
 
+def quiet_serve_env() -> dict[str, str]:
+    """Ray Serve logs every request (proxy and replica access lines) to stderr, which Ray streams to
+    every connected driver's console: hundreds of lines for a smoke test. With this, Serve's logs
+    (access lines included) go only to files in Ray's log folder (``<ray_logs>/serve/``)."""
+    return {"RAY_SERVE_LOG_TO_STDERR": os.environ.get("RAY_SERVE_LOG_TO_STDERR", "0")}
+
+
 def head_auth_env() -> dict[str, str]:
     """The environment a head started by `scalelab up` runs with: token auth unless
     ``$RAY_AUTH_MODE`` says otherwise; a token is made (``~/.ray/auth_token``) if there is none."""
@@ -122,8 +129,13 @@ def head_auth_env() -> dict[str, str]:
         and not (Path.home() / ".ray" / "auth_token").is_file()
         and not os.environ.get("RAY_AUTH_TOKEN")
     ):
+        import logging
+
         from ray._private.authentication.authentication_token_setup import generate_and_save_token
 
+        # Ray logs "Generated new authentication token and saved to ..." at INFO on the console of
+        # whoever starts the head; the token file is Ray's documented default, nothing to act on.
+        logging.getLogger(generate_and_save_token.__module__).setLevel(logging.WARNING)
         generate_and_save_token()
     return {"RAY_AUTH_MODE": mode}
 
@@ -160,6 +172,7 @@ def connect_ray(
         if address:
             use_auth_mode(read_stack(stack_file).get("ray_auth_mode"))
     if not address or address == "local":
+        os.environ.update(quiet_serve_env())  # its Serve logs (a line per request) to files
         ray.init(
             address="local",
             num_cpus=num_cpus,

@@ -35,6 +35,7 @@ from scalelab.cluster.session import (
     STATE_DIR,
     head_auth_env,
     pid_alive,
+    quiet_serve_env,
     read_stack,
     write_stack,
 )
@@ -122,7 +123,7 @@ def start_ray_head(
     # Token authentication (Ray's default when ~/.ray/auth_token exists) made explicit: drivers
     # that connect must then say so too (stack.json's ray_auth_mode; session.connect_ray reads it).
     auth_env = head_auth_env()
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **auth_env}
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **auth_env, **quiet_serve_env()}
     proc = _spawn("ray", cmd, log, env)
     svc = Service("ray", proc.pid, f"{host}:{port}", str(log))
     try:
@@ -133,7 +134,11 @@ def start_ray_head(
     except ScalelabError:
         svc.stop()
         raise
-    addresses = {"ray_address": f"{host}:{port}", "ray_auth_mode": auth_env["RAY_AUTH_MODE"]}
+    addresses = {
+        "ray_address": f"{host}:{port}",
+        "ray_auth_mode": auth_env["RAY_AUTH_MODE"],
+        "ray_logs": str(temp_dir / "session_latest" / "logs"),  # Serve's access logs: serve/
+    }
     if dashboard:
         addresses["dashboard_url"] = f"http://{host}:{ports['dashboard']}"
     return svc, addresses
@@ -165,9 +170,13 @@ def start_ray_worker(
         str(ports["metrics"]),
         "--resources",
         json.dumps({f"scalelab_worker_{index}": 1}),
+        # A node of its own log folder: without it a worker node on this machine shares the head's
+        # session logs, and every node's log monitor streams every worker's lines (3 nodes: 3x).
+        "--temp-dir",
+        str(Path(tempfile.gettempdir()) / f"scalelab-ray-{head_address.rsplit(':', 1)[-1]}-w{index}"),
     ]
     log = state / f"ray-worker-{index}-{ports['agent_grpc']}.log"
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **quiet_serve_env()}
     if auth_mode:
         env["RAY_AUTH_MODE"] = auth_mode
     proc = _spawn("ray-worker", cmd, log, env)
@@ -301,6 +310,7 @@ def down(names: list[str] | None = None) -> list[Service]:
         if svc.name == "ray":
             stack.pop("dashboard_url", None)
             stack.pop("ray_auth_mode", None)
+            stack.pop("ray_logs", None)
     stack["services"] = [s.to_dict() for s in kept]
     if kept:
         write_stack(stack)

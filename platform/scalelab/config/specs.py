@@ -296,6 +296,11 @@ class PromotionSpec(_Spec):
     min_delta: float = Field(0.0, ge=0, description="Required test-accuracy gain over the champion.")
     latency_p95_ms: float = Field(50.0, gt=0, description="Budget for p95 single-image prediction.")
     smoke_images: int = Field(8, ge=0, description="Known test images that must be predicted right.")
+    allow_unversioned_data: bool = Field(
+        False,
+        description="Promote a model trained on data no DVC file + git commit records (refused by "
+        "default: nobody could fetch that data again to check or retrain it).",
+    )
 
 
 class ServeSpec(_Spec):

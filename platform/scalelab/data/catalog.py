@@ -6,6 +6,7 @@ The readers live in :mod:`scalelab.data.sources` (classification) and :mod:`scal
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from scalelab.config.specs import DataSpec
 from scalelab.data import scenes, sources
 from scalelab.data.dataset import Dataset, DataVersion, read_prepared, write_prepared
 from scalelab.errors import DataError
+
+log = logging.getLogger("scalelab.data")
 
 # Every dataset kind and its reader, in one table: a new kind is a reader function and one line here.
 READERS: dict[str, Callable[[DataSpec], Dataset]] = {
@@ -59,6 +62,15 @@ def load_dataset(
                 f"no prepared dataset at {path}; run `scalelab data prepare <recipe>` "
                 f"(or `dvc pull {path}` where it is tracked by DVC)"
             )
+        log.warning(
+            "dataset %r is not prepared at %s: preparing it now from %s (kind %s). It is not "
+            "versioned until `dvc add %s` and a `git commit` record it",
+            spec.name,
+            path,
+            spec.source or "the built-in source",
+            spec.kind,
+            path,
+        )
         prepare(spec)
     version = resolve_data_version(spec)
     data = read_prepared(path)

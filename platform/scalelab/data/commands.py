@@ -42,7 +42,7 @@ def _repo_and_target(spec) -> tuple[Path, str]:
     return root, (prepared.resolve()).relative_to(root).as_posix()
 
 
-def prepare(recipe: Recipe, overrides: Overrides = None) -> Path:
+def prepare(recipe: Recipe, overrides: Overrides = None, *, quiet: bool = False) -> Path:
     """Materialise the recipe's dataset into data_dir/name in the canonical form."""
     from scalelab.data import prepare as prepare_dataset
     from scalelab.data import read_prepared
@@ -50,6 +50,8 @@ def prepare(recipe: Recipe, overrides: Overrides = None) -> Path:
 
     with in_project(absolute(recipe)):
         path = absolute(prepare_dataset(_data_spec(absolute(recipe), overrides)))
+    if quiet:
+        return path
     ds = read_prepared(path)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
     console.print(
@@ -67,19 +69,22 @@ def prepare(recipe: Recipe, overrides: Overrides = None) -> Path:
     return path
 
 
-def _transfer(direction: str, recipe: Path, overrides: list[str] | None, remote: str | None) -> str:
+def _transfer(
+    direction: str, recipe: Path, overrides: list[str] | None, remote: str | None, quiet: bool = False
+) -> str:
     from scalelab.data.remote import transfer
 
     with in_project(absolute(recipe)):
         root, target = _repo_and_target(_data_spec(absolute(recipe), overrides))
         summary = transfer(root, direction, [target], remote)
-    console.print(f"{direction} {target}: {summary}", highlight=False)
+    if not quiet:
+        console.print(f"{direction} {target}: {summary}", highlight=False)
     return summary
 
 
-def push(recipe: Recipe, overrides: Overrides = None, remote: Remote = None) -> str:
+def push(recipe: Recipe, overrides: Overrides = None, remote: Remote = None, *, quiet: bool = False) -> str:
     """`dvc push` the prepared dataset, after checking the remote (endpoint, bucket) answers."""
-    return _transfer("push", recipe, overrides, remote)
+    return _transfer("push", recipe, overrides, remote, quiet)
 
 
 def pull(recipe: Recipe, overrides: Overrides = None, remote: Remote = None) -> str:

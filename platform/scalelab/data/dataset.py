@@ -81,8 +81,15 @@ class DataVersion:
     path: str | None = None  # prepared folder, relative to the DVC repository root
     repo: str | None = None  # DVC repository (local root or git URL) to read ``rev`` from
 
+    @property
+    def status(self) -> str:
+        """``versioned`` when DVC records these bytes in a git commit (``rev``), else ``unversioned``:
+        a content hash alone pins the bytes but nobody can fetch them again."""
+        return "versioned" if self.rev else "unversioned"
+
     def as_tags(self) -> dict[str, str]:
         return {
+            "data.status": self.status,
             "data.name": self.name,
             "data.hash": self.content_hash,
             "data.rev": self.rev or "",

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
+from scalelab.artifacts.preprocess import normalise_tensor, pixel_scale
 from scalelab.config.specs import AugmentSpec
 from scalelab.data.dataset import Split
 
@@ -53,8 +54,7 @@ class TensorLoader:
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.drop_last = drop_last
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.mean, self.std = pixel_scale(mean, std)  # (1, C, 1, 1) each, in uint8 units
         self.sampler = DistributedSampler(
             _IndexSet(len(self.y)),
             num_replicas=world_size,
@@ -94,7 +94,7 @@ class TensorLoader:
             x = self.x[sel].float()
             if self.augment is not None:
                 x = augment_batch(x, self.augment, self.generator)
-            x = (x - self.mean) / self.std
+            x = normalise_tensor(x, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x.to(self.device, non_blocking=True), self.y[sel].to(self.device, non_blocking=True)

@@ -230,7 +230,7 @@ def read_coco(spec: DataSpec) -> Dataset:
             by_image.setdefault(a["image_id"], []).append(a)
     size = spec.image_size or max(max(int(im["height"]), int(im["width"])) for im in images)
     channels = spec.channels or 3
-    from scalelab.models.detection import letterbox, to_channels
+    from scalelab.artifacts.preprocess import letterbox, to_channels
 
     xs, boxes, labels, owners = [], [], [], []
     for i, im in enumerate(images):

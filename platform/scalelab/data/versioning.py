@@ -146,6 +146,16 @@ def _relative_to_root(root: Path, path: Path) -> str:
 # ----------------------------------------------------------------------------- resolve + verify
 
 
+def restore_command(relpath: str) -> str:
+    """The command that puts the recorded version of ``relpath`` back, run from the DVC root.
+
+    ``--force``: the changed files are not in the cache, so a plain ``dvc checkout`` refuses to
+    remove them ("Can't remove the following unsaved files without confirmation"); overwriting
+    them is exactly what restoring means. ``--relink`` also replaces files DVC considers current.
+    """
+    return f"dvc checkout --force --relink {relpath}"
+
+
 def resolve_data_version(
     spec: DataSpec, rev: str | None = None, repo: str | Path | None = None
 ) -> DataVersion:
@@ -176,7 +186,7 @@ def resolve_data_version(
     if recorded is not None and recorded != current:
         raise DataError(
             f"prepared data {relpath} (md5 {current}) no longer matches {source} (md5 {recorded}): "
-            f"it changed after DVC recorded it. Refusing to train on it. Run `dvc checkout {relpath}` "
+            f"it changed after DVC recorded it. Refusing to train on it. Run `{restore_command(relpath)}` "
             f"to restore the recorded version, or `scalelab data prepare <recipe>` then `dvc commit` "
             f"(or `dvc repro`) to record a new one"
         )
@@ -186,7 +196,7 @@ def resolve_data_version(
         name=spec.name,
         content_hash=current,
         rev=head if committed == current else None,
-        remote=remote_url,
+        remote=remote_url if recorded else None,  # never added to DVC: it is on no remote
         path=relpath,
         repo=str(root),
     )
@@ -236,7 +246,7 @@ def verify_prepared(spec: DataSpec) -> dict[str, Any]:
             detail = f"; changed: {', '.join(changed)}" if changed else ""
             problems.append(
                 f"{relpath} has md5 {current} but {source} records {recorded}{detail}. "
-                f"Run `dvc checkout {relpath}` or `scalelab data prepare` + `dvc commit`"
+                f"Run `{restore_command(relpath)}` or `scalelab data prepare` + `dvc commit`"
             )
     return {
         "path": str(prepared),

@@ -1,8 +1,30 @@
-"""The multi-scale ResNet family: blocks, trunk, heads, factory (variants: scalelab.config.variants)."""
+"""The multi-scale ResNet family: blocks, trunk, heads, factory (variants: scalelab.config.variants).
+
+The torch-backed names below load their module on first use (PEP 562), so that importing a light
+part of the package (:mod:`scalelab.models.summary`) does not import torch: `scalelab models
+variants` lists the family from a cache without it. Each of them lives in this package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from scalelab.config.variants import list_models, register_model, variant_config
-from scalelab.models.factory import build_model, count_flops, count_params, create_model
-from scalelab.models.resnet import MultiScaleHead, MultiScaleResNet, classification_loss
+
+if TYPE_CHECKING:
+    from scalelab.models.factory import build_model, count_flops, count_params, create_model
+    from scalelab.models.resnet import MultiScaleHead, MultiScaleResNet, classification_loss
+
+_HOME = {
+    "build_model": "factory",
+    "count_flops": "factory",
+    "count_params": "factory",
+    "create_model": "factory",
+    "MultiScaleHead": "resnet",
+    "MultiScaleResNet": "resnet",
+    "classification_loss": "resnet",
+}
 
 __all__ = [
     "MultiScaleHead",
@@ -16,3 +38,15 @@ __all__ = [
     "register_model",
     "variant_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

@@ -16,28 +16,15 @@ def variants(
     num_classes: Annotated[int, typer.Option(help="Classes.")] = 10,
 ) -> list[dict[str, Any]]:
     """List registered variants with scales, depths, widths, parameters and FLOPs."""
-    from scalelab.models import count_flops, count_params, create_model, list_models, variant_config
+    from scalelab.models.summary import variant_rows
 
     table = Table(title=f"model variants ({in_chans}x{image_size}x{image_size}, {num_classes} classes)")
     for col in ("name", "task", "scales", "depths", "widths", "head", "params", "MFLOPs"):
         table.add_column(col, justify="right" if col in ("params", "MFLOPs", "scales") else "left")
-    rows = []
-    for name in list_models(pattern):
-        cfg = variant_config(name)
-        model = create_model(name, in_chans=in_chans, num_classes=num_classes, image_size=image_size)
-        row = {
-            "name": name,
-            "task": cfg.get("task", "classification"),
-            "scales": cfg.get("scales", 4),
-            "depths": cfg.get("depths"),
-            "widths": cfg.get("widths"),
-            "head": cfg.get("head", "mean_logits"),
-            "params": count_params(model),
-            "flops": count_flops(model, in_chans, image_size),
-        }
-        rows.append(row)
+    rows = list(variant_rows(pattern, in_chans=in_chans, image_size=image_size, num_classes=num_classes))
+    for row in rows:
         table.add_row(
-            name,
+            row["name"],
             row["task"],
             str(row["scales"]),
             str(row["depths"]),

@@ -1,4 +1,9 @@
-"""``create_model``: the only way to build a model; plus parameter and FLOP counts."""
+"""Building models, plus parameter and FLOP counts.
+
+``create_model`` builds a registered variant by name (or a ModelSpec) with field overrides, for
+people and tests; ``build_model`` builds a validated, resolved ModelSpec, which is what training
+and bundle loading use. Every model is built by ``build_model`` in the end.
+"""
 
 from __future__ import annotations
 

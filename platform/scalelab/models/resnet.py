@@ -96,6 +96,7 @@ class MultiScaleResNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.image_size = image_size  # chose the stem when spec.stem is 'auto'
         self.head = MultiScaleHead(
             [f["num_chs"] for f in self.feature_info],
             spec.head_stages,

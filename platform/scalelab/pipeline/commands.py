@@ -41,6 +41,30 @@ def run_pipeline(
         return run_steps(build_steps(spec, absolute(recipe), overrides), state, rerun, start, stop, log=log)
 
 
+def print_log_locations() -> None:
+    """Where the quiet console's details went: Ray's and Serve's logs, the stack's own logs."""
+    from scalelab.cluster.session import STATE_DIR, read_stack
+
+    ray_logs = read_stack().get("ray_logs")
+    where = f"Ray {ray_logs} (Serve's request logs in serve/), " if ray_logs else ""
+    console.print(f"logs: {where}stack processes {STATE_DIR / 'stack'}/", highlight=False, soft_wrap=True)
+
+
+def print_run_locations(out: dict) -> None:
+    """The training run (and the search's parent run): ids, store, and how to look at them."""
+    from scalelab.tracking.ui import run_location
+
+    train = out.get("train") or {}
+    uri = train.get("tracking_uri")
+    if not (uri and train.get("run_id")):
+        return
+    parent = (out.get("tune") or {}).get("parent_run_id")
+    if parent:
+        console.print(f"search: MLflow parent run {parent}", highlight=False)
+    for line in run_location(uri, train["run_id"]):
+        console.print(line.replace("MLflow run", "training: MLflow run"), highlight=False, soft_wrap=True)
+
+
 def run_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. pipelines/digits.yaml.")],
     overrides: Annotated[
@@ -55,6 +79,10 @@ def run_command(
     began = time.perf_counter()
     out = run_pipeline(recipe, overrides or [], start, stop)
     console.print(f"[bold green]pipeline done[/] in {time.perf_counter() - began:.0f}s", highlight=False)
+    print_run_locations(out)
+    if str((out.get("data") or {}).get("push", "")).startswith("not pushed"):
+        data = out["data"]
+        console.print(f"data {shown(data['path'])}: {data['push']}", highlight=False, soft_wrap=True)
     if "smoke" in out:
         console.print(smoke_summary(out["smoke"]), highlight=False)
     if "report" in out:
@@ -64,4 +92,6 @@ def run_command(
         )
     if "serve" in out:
         console.print("the service keeps running on the local Ray head; `scalelab down` stops it")
+    with in_project(absolute(recipe)):  # the project's stack file
+        print_log_locations()
     return out

@@ -15,6 +15,7 @@ margin-top:2rem}table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}td
 padding:.25rem .6rem;text-align:left}th{background:#f6f8fa}.pass{color:#1a7f37;font-weight:600}
 .fail{color:#cf222e;font-weight:600}img{max-width:100%;border:1px solid #eee}.muted{color:#57606a}
 code{background:#f6f8fa;padding:.1rem .3rem;border-radius:4px}
+.scroll{overflow-x:auto;max-width:100%}
 """
 
 
@@ -33,7 +34,8 @@ def _table_html(rows: list[dict[str, Any]], columns: list[str] | None = None) ->
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    # a wide table (the search: one column per searched key) scrolls in its own box, not the page
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def _table_md(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

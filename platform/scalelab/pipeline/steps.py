@@ -29,7 +29,7 @@ def run_data(spec: RecipeSpec, recipe: Path, overrides: list[str]) -> dict[str, 
     from scalelab.data.commands import prepare
     from scalelab.data.versioning import resolve_data_version
 
-    path = prepare(recipe, overrides)
+    path = prepare(recipe, overrides, quiet=True)
     version = resolve_data_version(spec.data)
     return {"path": str(path), "version": version.to_dict(), "push": _push(recipe, overrides, path, version)}
 
@@ -44,12 +44,32 @@ def _push(recipe: Path, overrides: list[str], path: Path, version) -> str:
         return "not DVC-tracked (content hash only)"
     h = version.content_hash
     if not (root / ".dvc" / "cache" / "files" / "md5" / h[:2] / h[2:]).is_file():
-        # a fresh clone: dvc.lock pins the version (hash + git rev) but the cache is empty
-        return "not pushed: not in the local DVC cache; `dvc repro prepare && dvc push` stores it"
+        # a fresh clone: dvc.lock pins the version (hash + git rev) but the cache is empty;
+        # `dvc repro` rebuilds it into the cache (preparing is deterministic), pushing only
+        # that stage (a bare `dvc push` would also ask for other outputs never cached here)
+        stage = locking_stage(root, version.path)
+        fix = (
+            f"dvc repro {stage} && dvc push {stage}"
+            if stage
+            else f"dvc commit -f {version.path}.dvc && dvc push {version.path}.dvc"
+        )
+        return f"not pushed: not in the local DVC cache; `{fix}` stores it"
     try:
-        return push(recipe, overrides) or "pushed"
+        return push(recipe, overrides, quiet=True) or "pushed"
     except ScalelabError as exc:  # the run can go on: the version is pinned by its hash
         return f"not pushed: {exc}"
+
+
+def locking_stage(root: Path, relpath: str) -> str | None:
+    """The dvc.yaml stage whose output ``relpath`` is (None: tracked by a .dvc file, or not at all)."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    for name, stage in stages.items():
+        if any(o.get("path", "").rstrip("/") == relpath for o in stage.get("outs", [])):
+            return name
+    return None
 
 
 def data_done(out: dict[str, Any]) -> bool:
@@ -63,7 +83,7 @@ def run_tune(spec: RecipeSpec, recipe: Path, overrides: list[str]) -> dict[str, 
     from scalelab.tune.commands import tune
 
     name = f"{spec.name}-pipeline-{digest(recipe_to_dict(spec))[:8]}"
-    outcome = tune(recipe, overrides, name=name)
+    outcome = tune(recipe, overrides, name=name, quiet=True)
     if outcome.interrupted or outcome.best_yaml is None:
         raise ScalelabError(f"search {name} ended without a best trial (interrupted or all trials failed)")
     plot = outcome.search_dir / "accuracy_vs_params.png"
@@ -106,13 +126,14 @@ def run_train(spec: RecipeSpec, outputs: dict[str, Any], overrides: list[str]) -
     # a fresh run each time the step runs (whether it runs is the fingerprint's business)
     run_name = f"{spec.name}-best-{time.strftime('%Y%m%d-%H%M%S')}"
     recipe = full_budget_recipe(spec, outputs["tune"]["best_yaml"], overrides, run_name)
-    outcome = train(recipe)
+    outcome = train(recipe, quiet=True)
     out_dir = outcome.model_dir.parent
     shutil.copy(recipe, out_dir / "recipe.yaml")
     m = outcome.metrics
     return {
         "run_name": outcome.run_name,
         "run_id": outcome.run_id,
+        "tracking_uri": outcome.tracking_uri,
         "model_dir": str(outcome.model_dir),
         "metrics_file": str(out_dir / "metrics.json"),
         "test_acc": m.get("test_acc"),  # classifiers
@@ -132,13 +153,15 @@ def run_register(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
         name=model_name(spec),
         tracking_uri=spec.tracking.uri,
         description=spec.description or None,
+        quiet=True,
     )
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id}
 
 
 def run_promote(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
     from scalelab.registry.commands import promote
-    from scalelab.registry.store import champion, connect
+    from scalelab.registry.store import champion
+    from scalelab.tracking.bundles import connect
     from scalelab.tracking.uri import resolve_tracking_uri
 
     reg = outputs["register"]
@@ -147,6 +170,7 @@ def run_promote(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
         version=reg["version"],
         tracking_uri=spec.tracking.uri,
         policy=spec.promotion.model_dump(),
+        quiet=True,
     )
     champ = champion(connect(resolve_tracking_uri(spec.tracking.uri)), reg["name"])
     if champ is None:

@@ -22,7 +22,7 @@ ModelName = Annotated[str, typer.Argument(help="Registered model name.")]
 
 
 def _client(uri: str | None):
-    from scalelab.registry.store import connect
+    from scalelab.tracking.bundles import connect
 
     with in_project():  # the embedded store is the project's .scalelab/mlflow.db
         return connect(uri)
@@ -54,6 +54,7 @@ def register(
     tracking_uri: TrackingUri = None,
     *,
     description: str | None = None,
+    quiet: bool = False,
 ):
     """Register a run's model as a new version, tagged with data version, commit, spec hash, metrics."""
     from scalelab.registry.register import register_run
@@ -63,6 +64,8 @@ def register(
     client = _client(tracking_uri)
     with in_project():
         mv = register_run(client, ref, name=name, alias=alias, description=description)
+    if quiet:
+        return mv
     console.print(
         f"[bold green]registered[/] {mv.name} v{mv.version} from run {mv.run_id}"
         + (f" (@{alias})" if alias else ""),
@@ -93,6 +96,7 @@ def promote(
     tracking_uri: TrackingUri = None,
     *,
     policy: dict[str, Any] | None = None,
+    quiet: bool = False,
 ):
     """Move @champion to a version if it passes the gate (accuracy vs champion, latency, smoke test)."""
     # ``policy`` (Python callers, the pipeline): a whole promotion section, e.g. a recipe's with
@@ -116,7 +120,8 @@ def promote(
             dry_run=dry_run,
             lock_timeout_s=lock_timeout,
         )
-    _print_outcome(outcome)
+    if not quiet:
+        _print_outcome(outcome)
     return outcome
 
 
@@ -147,7 +152,7 @@ def rollback(
 
 def list_models(tracking_uri: TrackingUri = None) -> list:
     """Registered models with their versions and aliases."""
-    from scalelab.registry.store import is_lock, list_versions
+    from scalelab.tracking.bundles import is_lock, list_versions
 
     client = _client(tracking_uri)
     table = Table(title="registered models")
@@ -177,7 +182,7 @@ def show_model(
 ) -> dict[str, Any]:
     """Versions (metrics, lineage, aliases) and the promotion history of one model."""
     from scalelab.registry.history import read_history
-    from scalelab.registry.store import get_model, list_versions, version_info
+    from scalelab.tracking.bundles import get_model, list_versions, version_info
 
     client = _client(tracking_uri)
     model = get_model(client, name)

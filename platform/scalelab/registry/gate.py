@@ -1,7 +1,8 @@
 """The promotion gate: candidate vs champion on the champion's held-out data, latency, smoke test.
 
-Both models are evaluated through the serving path (:class:`scalelab.serve.predictor.Predictor`),
-so the accuracy, latency and smoke predictions the gate judges are what users will get.
+Both models are evaluated through the serving path (:class:`scalelab.artifacts.predictor.Predictor`,
+scored by ``artifacts.evaluate``, the evaluation training and `scalelab evaluate` use), so the
+accuracy, latency and smoke predictions the gate judges are what users will get.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from scalelab.artifacts.evaluate import Images, evaluate_predictor
+from scalelab.artifacts.predictor import Predictor
+from scalelab.artifacts.preprocess import decode_image_bytes
 from scalelab.config.specs import DataSpec, PromotionSpec
 from scalelab.errors import RegistryError, ScalelabError
-from scalelab.serve.predictor import Predictor
 
 
 @dataclass
@@ -90,9 +93,9 @@ def load_test_split(meta: dict[str, Any], expected_fingerprint: str | None = Non
 def accuracy(
     predictor: Predictor, x: np.ndarray, y: np.ndarray, batch: int = 256
 ) -> tuple[float, np.ndarray]:
-    """Accuracy and the probabilities (N, K) behind it."""
-    probs = np.concatenate([predictor.predict_proba(x[i : i + batch]) for i in range(0, len(x), batch)])
-    return float((probs.argmax(1) == y).mean()), probs
+    """Accuracy and the probabilities (N, K) behind it, in the precision the model was trained in."""
+    result = evaluate_predictor(predictor, Images(x, y), batch_size=batch, keep_probabilities=True)
+    return result.accuracy, result.probabilities
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -106,8 +109,6 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def serve_one(predictor: Predictor, raw: bytes) -> int:
     """The whole single-image serving path: PNG bytes -> decode -> preprocess -> model -> class."""
-    from scalelab.serve.preprocess import decode_image_bytes
-
     arr = decode_image_bytes(raw, predictor.input, max_pixels=1 << 24)
     return int(predictor.predict_proba(arr[None]).argmax(1)[0])
 
@@ -144,6 +145,23 @@ def smoke_indices(y: np.ndarray, reference_probs: np.ndarray, count: int) -> lis
     return chosen
 
 
+def data_status(meta: dict[str, Any]) -> str:
+    """``versioned`` / ``unversioned`` as the bundle says (older bundles: from the git revision)."""
+    recorded = meta.get("data_status")
+    return recorded or ("versioned" if (meta.get("data_version") or {}).get("rev") else "unversioned")
+
+
+def unversioned_data_refusal(meta: dict[str, Any], policy: PromotionSpec) -> str | None:
+    """Why a model trained on unversioned data may not become champion (None: it may)."""
+    if data_status(meta) == "versioned" or policy.allow_unversioned_data:
+        return None
+    return (
+        f"trained on unversioned data ({describe_data(meta)}: no DVC file + git commit records it, so "
+        f"nobody can fetch it again to check or retrain). Version it (`dvc add`, `git commit`) and "
+        f"retrain, or allow it with promotion.allow_unversioned_data=true"
+    )
+
+
 def evaluate_gate(
     candidate: Predictor,
     champion: Predictor | None,
@@ -151,6 +169,9 @@ def evaluate_gate(
     expected_fingerprint: str | None = None,
 ) -> GateResult:
     """Judge a candidate. With a champion, both run on the champion's test split."""
+    unversioned = unversioned_data_refusal(candidate.meta, policy)
+    if unversioned:
+        return GateResult(False, [unversioned], {"data": describe_data(candidate.meta)})
     reference = champion or candidate
     if champion is not None and (
         candidate.input.classes != champion.input.classes

@@ -29,7 +29,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from scalelab.errors import RegistryError
-from scalelab.registry.store import HISTORY_PREFIX, LOCK_TAG
+from scalelab.registry.store import HISTORY_PREFIX
+from scalelab.tracking.bundles import LOCK_TAG
 
 
 def whoami() -> str:

@@ -12,19 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scalelab.artifacts.predictor import Predictor
 from scalelab.config.specs import PromotionSpec
 from scalelab.errors import RegistryError, ScalelabError
 from scalelab.registry.gate import evaluate_gate
 from scalelab.registry.history import PromotionLock, previous_champion, read_history, record_attempt
-from scalelab.registry.store import (
-    CHAMPION,
-    champion,
-    fetch_version_bundle,
-    get_model,
-    get_version,
-    resolve_version,
-)
-from scalelab.serve.predictor import Predictor
+from scalelab.registry.store import CHAMPION, champion
+from scalelab.tracking.bundles import fetch_version_bundle, get_model, get_version, resolve_version
 
 
 @dataclass

@@ -7,8 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from scalelab.artifacts.bundle import MODEL_META, load_model_bundle, read_bundle_meta
 from scalelab.errors import RegistryError, ScalelabError
-from scalelab.registry.store import BUNDLE_DIR, download_run_bundle
+from scalelab.registry.gate import data_status
+from scalelab.tracking.bundles import BUNDLE_DIR, classify_store_error, download_run_bundle, store_error
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 METRICS = ("test_acc", "test_loss", "val_acc", "params")
@@ -47,7 +49,7 @@ def resolve_run(client, ref: str):
         candidates += search(f"tags.`mlflow.parentRunId` = '{pid}' AND tags.`scalelab.best_trial` = 'true'")
     candidates += named
     for run in candidates:
-        if _has_bundle(client, run.info.run_id):
+        if _has_bundle(client, run):
             return run
     if parent is None:
         raise RegistryError(
@@ -59,11 +61,16 @@ def resolve_run(client, ref: str):
     )
 
 
-def _has_bundle(client, run_id: str) -> bool:
+def _has_bundle(client, run) -> bool:
+    """Whether the run logged a model bundle; a store that cannot be read is an error, not a no."""
+    run_id = run.info.run_id
     try:
-        return any(a.path.endswith("model.json") for a in client.list_artifacts(run_id, BUNDLE_DIR))
-    except Exception:  # noqa: BLE001 - an unreadable artifact store counts as no bundle here
-        return False
+        return any(a.path.endswith(MODEL_META) for a in client.list_artifacts(run_id, BUNDLE_DIR))
+    except Exception as exc:  # noqa: BLE001 - classified: only a missing bundle means "no"
+        if classify_store_error(exc) == "missing":
+            return False
+        where = run.info.artifact_uri or client.tracking_uri
+        raise store_error(exc, f"cannot list the model bundle of run {run_id}", where) from None
 
 
 def _logged_model(client, run) -> Any | None:
@@ -98,6 +105,7 @@ def version_tags(run, meta: dict[str, Any], test_sha256: str | None) -> dict[str
         tags["scalelab.spec_hash"] = rt.get("scalelab.spec_hash", "unknown")
     dv = meta.get("data_version") or {}
     tags["data.name"] = dv.get("name") or meta["dataset"].get("name", "")
+    tags["data.status"] = data_status(meta)
     for key in ("content_hash", "rev", "remote", "path"):
         if dv.get(key):
             tags[f"data.{'hash' if key == 'content_hash' else key}"] = str(dv[key])
@@ -124,8 +132,6 @@ def log_bundle_run(
 
     For bundles trained with tracking disabled (``outputs/<run>/model``), so they can be registered.
     """
-    from scalelab.train.checkpoint import read_bundle_meta
-
     bundle_dir = Path(bundle_dir)
     meta = read_bundle_meta(bundle_dir)
     exp = client.get_experiment_by_name(experiment)
@@ -152,7 +158,6 @@ def register_run(
     from mlflow.exceptions import MlflowException
 
     from scalelab.registry.gate import load_test_split
-    from scalelab.train.checkpoint import load_model_bundle, read_bundle_meta
 
     if Path(ref).is_dir() and (Path(ref) / "model.json").is_file():
         metrics_file = Path(ref).parent / "metrics.json"

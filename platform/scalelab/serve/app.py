@@ -25,8 +25,9 @@ from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scalelab.serve.predictor import Predictor
-from scalelab.serve.preprocess import BadInput, decode_array, decode_base64, decode_image_bytes
+from scalelab.artifacts.predictor import Predictor
+from scalelab.artifacts.preprocess import BadInput, decode_array, decode_base64, decode_image_bytes
+from scalelab.data.samples import read_samples
 from scalelab.serve.settings import ReplicaConfig, key_sha256
 
 log = logging.getLogger("ray.serve")
@@ -218,11 +219,9 @@ def _metrics():
 def load_predictor(cfg: ReplicaConfig, version: str | None = None, cache: Path | None = None) -> Predictor:
     """A local bundle, or a registry version (pinned, given, or the alias's) with verified weights."""
     if cfg.bundle_path:
-        return Predictor.from_bundle(
-            cfg.bundle_path,
-            {"name": cfg.model_name or "local", "version": "local", "source": cfg.bundle_path},
-        )
-    from scalelab.registry.store import (
+        info = {"name": cfg.model_name or "local", "version": "local", "source": cfg.bundle_path}
+        return Predictor.from_bundle(cfg.bundle_path, {**info, "samples": read_samples(cfg.bundle_path)})
+    from scalelab.tracking.bundles import (
         connect,
         fetch_version_bundle,
         get_version,
@@ -238,13 +237,33 @@ def load_predictor(cfg: ReplicaConfig, version: str | None = None, cache: Path |
         else version_by_alias(client, cfg.model_name, cfg.alias)
     )
     info = version_info(mv)
-    info.update(alias=cfg.alias if not cfg.version else None)
+    info.update(
+        alias=cfg.alias if not cfg.version else None, **run_links(client, cfg.tracking_uri, mv.run_id)
+    )
     with tempfile.TemporaryDirectory(prefix=f"scalelab-serve-v{mv.version}-", dir=cache) as dest:
-        return Predictor.from_bundle(fetch_version_bundle(client, mv, dest), info)  # weights now in memory
+        bundle = fetch_version_bundle(client, mv, dest)
+        info["samples"] = read_samples(bundle)  # held-out examples for the demo page
+        return Predictor.from_bundle(bundle, info)  # weights now in memory
+
+
+def run_links(client, tracking_uri: str | None, run_id: str | None) -> dict[str, str]:
+    """Where to look at the model's training run: its MLflow UI page on a tracking server, else the
+    command that opens the UI on the embedded store."""
+    from scalelab.tracking.ui import run_url
+
+    if not run_id:
+        return {}
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        try:
+            experiment_id = client.get_run(run_id).info.experiment_id
+            return {"run_url": run_url(tracking_uri, experiment_id, run_id)}
+        except Exception:  # noqa: BLE001 - lineage links are best effort
+            pass
+    return {"run_view_command": f"scalelab ui --run {run_id}"}
 
 
 def current_alias_version(cfg: ReplicaConfig) -> str:
-    from scalelab.registry.store import connect, version_by_alias
+    from scalelab.tracking.bundles import connect, version_by_alias
 
     return str(version_by_alias(connect(cfg.tracking_uri), cfg.model_name, cfg.alias).version)
 
@@ -420,7 +439,7 @@ class ModelServer:
     async def model_info(self) -> dict[str, Any]:
         """Name, version, alias, lineage (run id, data version, git commit), input and classes."""
         p = self._require_model()
-        info = {k: v for k, v in p.info.items() if k != "tags"}
+        info = {k: v for k, v in p.info.items() if k not in ("tags", "samples")}
         return {
             **info,
             "input": {
@@ -447,6 +466,12 @@ class ModelServer:
             },
         }
 
+    @api.get("/v1/samples", responses=ERRORS, summary="Held-out test images with their true labels")
+    async def samples(self) -> dict[str, Any]:
+        """A few test-split images the model never trained on (PNG, base64) and their true labels."""
+        p = self._require_model()
+        return {"version": str(p.info.get("version")), "samples": p.info.get("samples", [])}
+
     @api.get("/healthz", summary="Liveness")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -460,10 +485,3 @@ class ModelServer:
     @api.get("/", response_class=HTMLResponse, summary="Demo page")
     async def demo(self) -> HTMLResponse:
         return HTMLResponse((STATIC / "index.html").read_text())
-
-
-def app_builder(args: dict[str, Any]):
-    """Serve config entry point (``import_path: scalelab.serve.app:app_builder``)."""
-    from scalelab.serve.deploy import build_application
-
-    return build_application(args)

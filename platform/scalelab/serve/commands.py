@@ -59,7 +59,7 @@ def _check_registered(name: str, alias: str | None, version: str | None, uri: st
     """Fetch the version's bundle once here, so a missing model fails now, clearly, not in a replica."""
     import tempfile
 
-    from scalelab.registry.store import connect, fetch_version_bundle, resolve_version
+    from scalelab.tracking.bundles import connect, fetch_version_bundle, resolve_version
 
     client = connect(uri)
     mv = resolve_version(client, name, version, None if version else alias)

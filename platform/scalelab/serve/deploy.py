@@ -15,7 +15,7 @@ from scalelab.config.specs import ServeSpec
 from scalelab.errors import ConfigError
 from scalelab.serve.settings import ReplicaConfig, replica_config
 
-IMPORT_PATH = "scalelab.serve.app:app_builder"
+IMPORT_PATH = "scalelab.serve.deploy:app_builder"
 
 
 def parse_target(target: str) -> tuple[str, str | None, str | None]:
@@ -80,6 +80,11 @@ def build_application(args: dict[str, Any]):
     else:
         cfg = ReplicaConfig.model_validate(cfg)
     return ModelServer.options(**deployment_options(spec, cfg)).bind()
+
+
+def app_builder(args: dict[str, Any]):
+    """Serve config entry point (``import_path: scalelab.serve.deploy:app_builder``)."""
+    return build_application(args)
 
 
 def serve_config(spec: ServeSpec, target: str, tracking_uri: str | None) -> dict[str, Any]:

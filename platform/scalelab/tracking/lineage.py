@@ -81,7 +81,7 @@ def run_tags(spec: Any, run_name: str, data_version: Any | None, mode: str) -> d
     if data_version is not None:
         tags.update(data_version.as_tags())
     else:
-        tags["data.name"] = spec.data.name
+        tags.update({"data.name": spec.data.name, "data.status": "unversioned"})
     if mode == "ray":  # the driver may not be connected yet: run_training tags the job again later
         tags.update(ray_job_ids())
     return tags

@@ -11,6 +11,7 @@ Every call goes through :class:`ResilientLogger`, so an unreachable server never
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -290,14 +291,23 @@ def log_pytorch_model(target: RunTarget, model: Any, example: Any) -> Any:
     A batch of one would freeze the batch dimension in the exported graph; two keeps it dynamic.
     pip requirements are given, not inferred (inference imports the model in a subprocess: ~5 s).
     """
+
     import mlflow
     import numpy as np
     import torch
     from mlflow.models import infer_signature
 
-    from scalelab.train.checkpoint import unwrap
-
-    net = unwrap(model).float().eval().cpu()
+    # torch.export's pt2 packaging warns "No complete tensor found in the group!" for each weight
+    # whose storage it cannot see whole: channels_last conv weights (what bf16 training uses) are
+    # such. The exported graph runs in the default layout anyway, so export a contiguous copy
+    # (same values, the training model untouched) and the warning has no cause left.
+    net = (
+        copy.deepcopy(getattr(model, "module", model))
+        .float()
+        .eval()
+        .cpu()
+        .to(memory_format=torch.contiguous_format)
+    )
     x = np.asarray(example, dtype=np.float32)
     if x.shape[0] < 2:
         x = np.concatenate([x, x])

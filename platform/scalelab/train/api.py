@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from scalelab.artifacts.bundle import load_model_bundle, read_bundle_meta, save_model_bundle
+from scalelab.artifacts.preprocess import normalise_images
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.catalog import load_dataset, prepared_path
+from scalelab.data.samples import write_samples
 from scalelab.errors import ConfigError
-from scalelab.train.checkpoint import load_model_bundle, save_model_bundle
 from scalelab.train.loop import bundle_meta, check_model_fits_data, default_run_name, fit_metrics
 
 
@@ -26,18 +28,21 @@ class TrainOutcome:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     run_id: str | None = None  # the MLflow run, when tracking is enabled
+    tracking_uri: str | None = None  # where that run is
+    experiment_id: str | None = None
 
 
 def example_batch(data, n: int = 2) -> np.ndarray:
     """``n`` normalised test images, float32 (n, C, H, W): the MLflow model's input example."""
-    x = data.splits["test"].x[:n].astype(np.float32).transpose(0, 3, 1, 2)
-    mean = np.asarray(data.mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
-    std = np.asarray(data.std, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
-    return (x - mean) / std
+    return normalise_images(data.splits["test"].x[:n], data.mean, data.std).numpy()
 
 
-def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -> TrainOutcome:
+def run_training(
+    spec: RecipeSpec, run_name: str | None = None, on_epoch=None, progress: bool = False
+) -> TrainOutcome:
     """Train per the recipe: in-process when ``train.workers == 0``, else on Ray Train.
+
+    ``progress``: rank 0 shows progress within each epoch (a bar on a terminal, plain lines else).
 
     A run name seen before resumes from its latest checkpoint (and continues its MLflow run).
     With tracking enabled, everything is logged to MLflow and ``run_id`` is returned.
@@ -71,9 +76,9 @@ def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -
             tag_ray_job(target)
         try:
             if mode == "ray":
-                outcome = _train_on_ray(spec, data, name, target, started, timing)
+                outcome = _train_on_ray(spec, data, name, target, started, timing, progress)
             else:
-                outcome = _train_local(spec, data, name, target, started, on_epoch)
+                outcome = _train_local(spec, data, name, target, started, on_epoch, progress)
         except BaseException as exc:
             if target is not None:
                 end_run(target, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -88,9 +93,10 @@ def run_training(spec: RecipeSpec, run_name: str | None = None, on_epoch=None) -
             ray.shutdown()
 
 
-def _train_local(spec, data, name, target, started, on_epoch) -> TrainOutcome:
+def _train_local(spec, data, name, target, started, on_epoch, progress=False) -> TrainOutcome:
     from scalelab.tracking.runs import EpochLogger
     from scalelab.train.local import CheckpointKeeper, run_local
+    from scalelab.train.progress import progress_for
 
     run_dir = Path(spec.train.storage_path) / name
     epoch_logger = EpochLogger(target, role="local") if target is not None else None
@@ -101,7 +107,9 @@ def _train_local(spec, data, name, target, started, on_epoch) -> TrainOutcome:
         if on_epoch is not None:
             on_epoch(metrics)
 
-    result = run_local(spec, data, run_dir, on_epoch=each_epoch)
+    result = run_local(
+        spec, data, run_dir, on_epoch=each_epoch, progress=progress_for(0) if progress else None
+    )
     if epoch_logger is not None:
         epoch_logger.close()
     metrics = {**fit_metrics(result), "wall_seconds": time.perf_counter() - started}
@@ -121,10 +129,10 @@ def _train_local(spec, data, name, target, started, on_epoch) -> TrainOutcome:
     )
 
 
-def _train_on_ray(spec, data, name, target, started, timing) -> TrainOutcome:
+def _train_on_ray(spec, data, name, target, started, timing, progress=False) -> TrainOutcome:
     from scalelab.train.ray_trainer import run_on_ray
 
-    res = run_on_ray(spec, data, name, tracking=target)
+    res = run_on_ray(spec, data, name, tracking=target, progress=progress)
     metrics = {
         **res["metrics"],
         "wall_seconds": time.perf_counter() - started,
@@ -151,9 +159,10 @@ def _finish(
     from scalelab.tracking.runs import log_training_result
 
     (out / "metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2, default=float))
+    if spec.model.task == "classification":  # one-click examples for the demo page, in the bundle
+        write_samples(data.splits["test"], data.classes, model_dir)
     figures = []
     if spec.model.task == "detection":  # test images with predicted (red) and true (green) boxes
-        from scalelab.train.checkpoint import read_bundle_meta
         from scalelab.train.detection import write_prediction_images
 
         figures = write_prediction_images(model, data.splits["test"], read_bundle_meta(model_dir), out)
@@ -170,4 +179,12 @@ def _finish(
             example=example_batch(data),
             figures=figures,
         )
-    return TrainOutcome(name, model_dir, metrics, history, target.run_id if target else None)
+    return TrainOutcome(
+        name,
+        model_dir,
+        metrics,
+        history,
+        target.run_id if target else None,
+        target.uri if target else None,
+        target.experiment_id if target else None,
+    )

@@ -1,11 +1,8 @@
-"""Checkpoints and model bundles: safetensors for tensors, JSON for the rest. Never a pickle.
+"""Training checkpoints: a model bundle (``artifacts.bundle``) plus what resuming needs.
 
-A model bundle (what registry and serving load) is a folder with:
-  model.safetensors  weights
-  model.json         recipe (spec), dataset metadata (classes, mean/std, shape), data version
-A training checkpoint is a model bundle plus:
   optimizer.safetensors + trainer_state.json   optimiser tensors, param groups, scheduler,
                                                epoch, history, RNG states
+Safetensors and JSON only, never a pickle.
 """
 
 from __future__ import annotations
@@ -20,84 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from scalelab.artifacts.bundle import WEIGHTS, load_weights, save_model_bundle
 from scalelab.errors import CheckpointError
 
-WEIGHTS = "model.safetensors"
-MODEL_META = "model.json"
 OPTIM = "optimizer.safetensors"
 STATE = "trainer_state.json"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def save_model_bundle(model: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """Write weights + metadata; the weights' sha256 goes into the metadata."""
-    from scalelab.data.dataset import sha256_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(state, str(out / WEIGHTS))
-    meta = {**meta, "weights_sha256": sha256_file(out / WEIGHTS)}
-    (out / MODEL_META).write_text(json.dumps(meta, indent=2, default=str))
-    return out
-
-
-def read_bundle_meta(path: str | Path) -> dict[str, Any]:
-    meta_path = Path(path) / MODEL_META
-    if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path} is missing: {path} is not a scalelab model bundle")
-    return json.loads(meta_path.read_text())
-
-
-def load_model_bundle(path: str | Path, verify_checksum: bool = True, map_location: str = "cpu"):
-    """Rebuild the model from its spec and load its weights. Returns (model, meta)."""
-    from scalelab.config.specs import ModelSpec
-    from scalelab.data.dataset import sha256_file
-    from scalelab.models.factory import build_model
-
-    path = Path(path)
-    meta = read_bundle_meta(path)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} is missing")
-    if verify_checksum and meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
-        raise CheckpointError(
-            f"{weights} fails its checksum (expected sha256 {meta['weights_sha256'][:12]}...): the "
-            f"file was modified or corrupted; refusing to load it"
-        )
-    spec = ModelSpec.model_validate(meta["recipe"]["model"])
-    data = meta["dataset"]
-    model = build_model(spec, data["channels"], data["num_classes"], data["image_size"])
-    load_weights(model, load_file(str(weights), device=map_location), source=str(weights))
-    return model, meta
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a state dict, explaining every missing, unexpected or mis-shaped tensor."""
-    own = unwrap(model).state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
-        if mismatched:
-            parts.append(f"shape mismatch {len(mismatched)}: {'; '.join(mismatched[:3])}")
-        raise CheckpointError(
-            f"weights in {source} do not fit the model built from the spec: {', '.join(parts)}. "
-            f"Was the spec changed (model.* overrides) since the checkpoint was written?"
-        )
-    unwrap(model).load_state_dict(state)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -22,6 +22,15 @@ def print_epoch(metrics: dict) -> None:
     )
 
 
+def print_run_location(outcome) -> None:
+    """The MLflow run id, where it is, and the command that shows it (nothing when untracked)."""
+    from scalelab.tracking.ui import run_location
+
+    if outcome.run_id and outcome.tracking_uri:
+        for line in run_location(outcome.tracking_uri, outcome.run_id, outcome.experiment_id):
+            console.print(line, highlight=False, soft_wrap=True)
+
+
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. pipelines/digits.yaml.")],
     overrides: Annotated[
@@ -30,23 +39,29 @@ def train(
     resume: Annotated[
         str | None, typer.Option("--resume", help="Run name to resume from its last checkpoint.")
     ] = None,
+    *,
+    quiet: bool = False,
 ) -> TrainOutcome:
     """Train a model from a recipe (in-process, or on Ray Train when train.workers > 0)."""
-    # runs in the recipe's project (scalelab.config.project); the outcome's paths are absolute
+    # Runs in the recipe's project (scalelab.config.project); the outcome's paths are absolute.
+    # ``quiet`` (the pipeline): only the progress within epochs, no header, epoch or summary lines.
     from scalelab.config import load_recipe
     from scalelab.config.project import absolute, in_project, shown
     from scalelab.train.api import run_training
 
     with in_project(absolute(recipe)) as root:
         spec = load_recipe(absolute(recipe), overrides or [])
-        console.print(
-            f"[bold]train[/] {spec.name}: model {spec.model.variant or 'custom'} scales={spec.model.scales} "
-            f"depths={spec.model.depths} widths={spec.model.widths}, {spec.train.epochs} epochs, "
-            f"workers={spec.train.workers}",
-            highlight=False,
-        )
-        outcome = run_training(spec, run_name=resume, on_epoch=print_epoch)
+        if not quiet:
+            console.print(
+                f"[bold]train[/] {spec.name}: model {spec.model.variant or 'custom'} "
+                f"scales={spec.model.scales} depths={spec.model.depths} widths={spec.model.widths}, "
+                f"{spec.train.epochs} epochs, workers={spec.train.workers}",
+                highlight=False,
+            )
+        outcome = run_training(spec, run_name=resume, on_epoch=None if quiet else print_epoch, progress=True)
     outcome.model_dir = root / outcome.model_dir  # unchanged when already absolute
+    if quiet:
+        return outcome
     m = outcome.metrics
     if m.get("worker_node_ids"):
         nodes = m["worker_node_ids"]
@@ -60,4 +75,5 @@ def train(
         f"{shown(outcome.model_dir)}",
         highlight=False,
     )
+    print_run_location(outcome)
     return outcome

@@ -1,4 +1,5 @@
-"""``scalelab evaluate MODEL_DIR RECIPE``: score a model bundle on a split of the prepared data."""
+"""``scalelab evaluate MODEL_DIR RECIPE``: score a model bundle (classifier or detector) on a split of the
+prepared data, with ``artifacts.evaluate`` (the evaluation training, search and the gate use)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from scalelab.artifacts.evaluate import evaluate_predictor
+from scalelab.artifacts.predictor import Predictor
+from scalelab.config import load_recipe
+from scalelab.data.catalog import load_dataset
 from scalelab.errors import DataError
+from scalelab.train.runtime import select_runtime, set_threads
 
 console = Console()
 
@@ -23,48 +29,37 @@ def evaluate_bundle(
 ) -> dict[str, Any]:
     """Metrics of the bundle on ``split`` of the recipe's dataset (version-checked against DVC).
 
-    ``test_time_flip`` turns the model's mirror-averaging on or off for this evaluation only
-    (None: as the bundle was trained), e.g. to measure what it adds.
+    Classifiers: accuracy, loss, per-class accuracy, confusion; detectors: ``*_acc`` is mAP@0.5,
+    beside ``*_map``, ``*_map50``, ... and per-class AP@0.5. ``test_time_flip`` turns a
+    classifier's mirror-averaging on or off for this evaluation only (None: as the bundle was
+    trained), e.g. to measure what it adds.
     """
-    import torch
-
-    from scalelab.config import load_recipe
-    from scalelab.data.catalog import load_dataset
-    from scalelab.data.loader import TensorLoader
-    from scalelab.train.checkpoint import load_model_bundle
-    from scalelab.train.evaluate import evaluate
-    from scalelab.train.runtime import select_runtime, set_threads
-
     spec = load_recipe(recipe, overrides or [])
     set_threads(spec.train.threads)
-    model, meta = load_model_bundle(model_dir)
+    predictor = Predictor.from_bundle(model_dir)
     data = load_dataset(spec.data, prepare_if_missing=False)
+    meta = predictor.meta
     trained_on = meta.get("dataset", {})
     if trained_on.get("classes") and trained_on["classes"] != data.classes:
         raise DataError(
             f"{model_dir} was trained on classes {trained_on['classes']}, but {spec.data.name} has "
             f"{data.classes}; evaluate it on the dataset it was trained for"
         )
+    model = predictor.model
     if test_time_flip is not None:
         if test_time_flip and not data.hflip_ok:
             raise DataError(f"{spec.data.name} images are not left-right symmetric: no test-time flip")
-        if getattr(getattr(model, "spec", None), "task", None) != "classification":
+        if predictor.task != "classification":
             raise DataError(f"{model_dir} is not a classifier: test-time flip applies to classifiers only")
         model.spec = model.spec.model_copy(update={"test_time_flip": test_time_flip})
     if split not in data.splits:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(data.splits)}")
     runtime = select_runtime(spec.train)
-    model = model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     # the model's own normalisation (from its bundle), so a re-prepared dataset cannot skew it
-    mean, std = trained_on.get("mean", data.mean), trained_on.get("std", data.std)
-    loader = TensorLoader(
-        data.splits[split], 256, mean, std, device=runtime.device, channels_last=runtime.channels_last
-    )
-    result = evaluate(model, loader, data.num_classes, runtime)
+    result = evaluate_predictor(predictor, data.splits[split], runtime=runtime)
     trained_version = (meta.get("data_version") or {}).get("content_hash")
     return {
+        **result.as_metrics(split),  # detection: {split}_map50, {split}_map, {split}_map_small, ...
         f"{split}_acc": result.accuracy,
         f"{split}_loss": result.loss,
         "per_class_acc": dict(zip(data.classes, result.per_class_accuracy, strict=True)),

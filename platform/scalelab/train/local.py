@@ -58,7 +58,7 @@ class CheckpointKeeper:
 
 
 def run_local(
-    spec: RecipeSpec, data: Dataset, run_dir: Path, on_epoch=None, resume: bool = True
+    spec: RecipeSpec, data: Dataset, run_dir: Path, on_epoch=None, resume: bool = True, progress=None
 ) -> FitResult:
     keeper = CheckpointKeeper(run_dir, spec.train.num_to_keep)
     start = keeper.latest() if resume else None
@@ -69,4 +69,4 @@ def run_local(
         if on_epoch is not None:
             on_epoch(metrics)
 
-    return fit(spec, data, report=report, resume_from=start)
+    return fit(spec, data, report=report, resume_from=start, progress=progress)

@@ -20,16 +20,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from scalelab.artifacts.evaluate import EvalResult, evaluate_model
+from scalelab.artifacts.hardware import Runtime
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.dataset import Dataset
 from scalelab.data.loader import TensorLoader, allowed_augment
 from scalelab.errors import ConfigError
+from scalelab.models.detection_loss import detection_loss
 from scalelab.models.factory import build_model, count_params
 from scalelab.models.resnet import classification_loss
 from scalelab.train.checkpoint import restore_training_checkpoint, save_training_checkpoint
-from scalelab.train.detection import DetectionLoader, detection_loss, evaluate_detection
-from scalelab.train.evaluate import EvalResult, evaluate
-from scalelab.train.runtime import Runtime, seed_everything, select_runtime, set_threads
+from scalelab.train.detection import DetectionLoader
+from scalelab.train.progress import EpochProgress
+from scalelab.train.runtime import seed_everything, select_runtime, set_threads
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 
@@ -124,6 +127,7 @@ def bundle_meta(spec: RecipeSpec, data: Dataset, runtime: Runtime | None = None)
         "recipe": spec.model_dump(mode="json"),
         "dataset": data.metadata(),
         "data_version": data.version.to_dict() if data.version else None,
+        "data_status": data.version.status if data.version else "unversioned",
         "precision": runtime.precision if runtime else None,
     }
 
@@ -135,8 +139,12 @@ def fit(
     resume_from: str | Path | None = None,
     device: torch.device | None = None,
     should_stop: Callable[[], bool] | None = None,
+    progress: EpochProgress | None = None,
 ) -> FitResult:
-    """Train ``spec`` on ``data``; returns the model, per-epoch history and test evaluation."""
+    """Train ``spec`` on ``data``; returns the model, per-epoch history and test evaluation.
+
+    ``progress`` (rank 0's, see :mod:`scalelab.train.progress`) hears of every step of an epoch.
+    """
     t = spec.train
     rank, world_size = world()
     set_threads(t.threads)
@@ -167,8 +175,10 @@ def fit(
 
     val = None
     for epoch in range(start_epoch, t.epochs):
-        metrics = train_one_epoch(spec, train_model, loaders.train, optimizer, scheduler, runtime, epoch)
-        val = loaders.evaluate(model, loaders.val, data.num_classes, runtime)
+        metrics = train_one_epoch(
+            spec, train_model, loaders.train, optimizer, scheduler, runtime, epoch, progress
+        )
+        val = evaluate_model(model, loaders.val, data.num_classes, runtime)
         metrics.update(val.as_metrics("val"))
         metrics.update(epoch=epoch + 1, params=params, world_size=world_size, resumed_from=start_epoch)
         history.append(metrics)
@@ -184,8 +194,8 @@ def fit(
             break
 
     if val is None:  # resumed after the last epoch: nothing left to train
-        val = loaders.evaluate(model, loaders.val, data.num_classes, runtime)
-    test = loaders.evaluate(model, loaders.test, data.num_classes, runtime)
+        val = evaluate_model(model, loaders.val, data.num_classes, runtime)
+    test = evaluate_model(model, loaders.test, data.num_classes, runtime)
     return FitResult(model, history, test, val, runtime, params, start_epoch)
 
 
@@ -194,11 +204,10 @@ class Loaders:
     train: TensorLoader
     val: TensorLoader
     test: TensorLoader
-    evaluate: Callable[..., Any]  # (model, loader, num_classes, runtime) -> EvalResult
 
 
 def build_loaders(spec: RecipeSpec, data: Dataset, runtime: Runtime, rank: int, world_size: int) -> Loaders:
-    """Train (this rank's shard, augmented, shuffled), val and test loaders, and how to evaluate."""
+    """Train (this rank's shard, augmented, shuffled), val and test loaders."""
     t = spec.train
     micro = per_worker_batch(t.batch_size, world_size, t.grad_accum_steps)
     detection = spec.model.task == "detection"  # boxes in, mAP out; the rest of the loop is shared
@@ -222,7 +231,6 @@ def build_loaders(spec: RecipeSpec, data: Dataset, runtime: Runtime, rank: int, 
         train,
         Loader(data.splits["val"], 256, rank=rank, world_size=world_size, **loader_args),
         Loader(data.splits["test"], 256, rank=rank, world_size=world_size, **loader_args),
-        evaluate_detection if detection else evaluate,
     )
 
 
@@ -258,6 +266,7 @@ def train_one_epoch(
     scheduler,
     runtime: Runtime,
     epoch: int,
+    progress: EpochProgress | None = None,
 ) -> dict[str, float]:
     t = spec.train
     detection = spec.model.task == "detection"
@@ -267,6 +276,9 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), dtype=torch.long, device=runtime.device)
     seen = 0
+    _, world_size = world()
+    if progress is not None:
+        progress.start(epoch + 1, t.epochs, len(loader))
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
@@ -285,10 +297,13 @@ def train_one_epoch(
         if not detection:
             correct += (outputs[0].detach().argmax(1) == y).sum()
         seen += len(y)
+        if progress is not None:
+            progress.advance(len(y) * world_size)
+    if progress is not None:
+        progress.finish()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    _, world_size = world()
     return {
         "train_loss": loss_sum.item() / max(1, seen),
         **({} if detection else {"train_acc": correct.item() / max(1, seen)}),

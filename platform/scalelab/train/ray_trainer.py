@@ -18,11 +18,13 @@ reported just before a crash, so the guarantee is: no more than ``checkpoint_eve
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from scalelab.config.console import quiet_third_party_logs
 from scalelab.config.settings import runtime_settings
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.dataset import DataVersion
@@ -105,6 +107,7 @@ def build_torch_trainer(
     run_config: Any | None = None,
     run_name: str | None = None,
     tracking: Any | None = None,
+    progress: bool = False,
 ):
     """A ``TorchTrainer`` running :func:`train_worker` on ``train.workers`` workers (at least 1).
 
@@ -142,6 +145,7 @@ def build_torch_trainer(
         "tracking": tracking.to_dict() if tracking is not None else None,
         "fault": parse_fault(settings.fault_inject),
         "submitted_at": time.time(),
+        "progress": progress,
     }
     return TorchTrainer(
         train_worker,
@@ -169,12 +173,28 @@ def _load_worker_data(config: dict[str, Any], spec: RecipeSpec):
     return data
 
 
+def quiet_train_report_log() -> None:
+    """Ray Train V2 logs ``Reporting training result N: TrainingReport(...)`` at INFO for every
+    report, on a logger named by its file path (outside ``ray.train``, so ``LoggingConfig`` does not
+    reach it) and it lands in the job's console between our epoch lines. Raise that one logger."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Body of every Ray Train worker: ``fit`` with Ray's checkpoint in and ``ray.train.report`` out."""
     import ray.train
     import torch
 
+    quiet_train_report_log()
+    quiet_third_party_logs()
     from scalelab.train.loop import fit
+    from scalelab.train.progress import progress_for
 
     started = time.time()
     spec = RecipeSpec.model_validate(config["spec"])
@@ -202,12 +222,14 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         timing.setdefault("first_epoch_reported", time.time())
         timing.setdefault("first_epoch_seconds", float(metrics["epoch_seconds"]))
         if rank == 0:
-            print(
+            # Not print(): Ray Train patches it to log through the root logger *and* (stdout being
+            # wrapped in a Ray worker) to print as well, so each line reached the console twice.
+            sys.stdout.write(
                 f"epoch {epoch:>3}  loss {metrics['train_loss']:.4f}  val_acc {metrics['val_acc']:.4f}  "
                 f"lr {metrics['lr']:.4g}  {metrics['images_per_s']:,.0f} img/s  "
-                f"{metrics['epoch_seconds']:.2f}s",
-                flush=True,
+                f"{metrics['epoch_seconds']:.2f}s\n"
             )
+            sys.stdout.flush()
             if epoch_logger is not None:
                 epoch_logger(metrics)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -226,13 +248,15 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if checkpoint is not None:
             resume_from = checkpoint.to_directory(tmp)  # a local copy, also when storage is S3
         timing["data_loaded"] = time.time()
-        result = fit(spec, data, report=report, resume_from=resume_from, device=device)
+        # progress within an epoch: rank 0 only (a worker's stdout is no terminal: plain lines)
+        progress = progress_for(rank) if config.get("progress") else None
+        result = fit(spec, data, report=report, resume_from=resume_from, device=device, progress=progress)
     node_ids = _gather_node_ids()
     if epoch_logger is not None:
         epoch_logger.close()
     if rank != 0:
         return None
-    from scalelab.train.checkpoint import save_model_bundle
+    from scalelab.artifacts.bundle import save_model_bundle
     from scalelab.train.loop import bundle_meta, fit_metrics
 
     with tempfile.TemporaryDirectory(prefix="scalelab-bundle-") as tmp:
@@ -288,10 +312,12 @@ def tune_ray_train_startup() -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-def run_on_ray(spec: RecipeSpec, data, run_name: str, tracking: Any | None = None) -> dict[str, Any]:
+def run_on_ray(
+    spec: RecipeSpec, data, run_name: str, tracking: Any | None = None, progress: bool = False
+) -> dict[str, Any]:
     """Fit on Ray Train (connected by the caller); returns rank 0's result and a local copy of the
     latest checkpoint (``checkpoint_dir``, the caller removes it)."""
-    trainer = build_torch_trainer(spec, data.version, run_name=run_name, tracking=tracking)
+    trainer = build_torch_trainer(spec, data.version, run_name=run_name, tracking=tracking, progress=progress)
     try:
         result = trainer.fit()
     except Exception as exc:

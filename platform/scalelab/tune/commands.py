@@ -31,6 +31,8 @@ def tune(
     name: Annotated[
         str | None, typer.Option("--name", help="Name of a new search (default: recipe name + time).")
     ] = None,
+    *,
+    quiet: bool = False,
 ) -> SearchOutcome:
     """Search scales, depths, widths and optimiser settings with Ray Tune (ASHA + Optuna)."""
     from scalelab.config import load_recipe
@@ -49,7 +51,7 @@ def tune(
                 "[yellow]note[/]: a resumed search keeps the recipe it started with; overrides are ignored",
                 highlight=False,
             )
-        if spec is not None and not resume:
+        if spec is not None and not resume and not quiet:  # quiet (the pipeline): the results only
             s = spec.search
             console.print(
                 f"[bold]tune[/] {spec.name}: {s.algorithm} x {s.num_samples} sample(s), "
@@ -58,7 +60,7 @@ def tune(
                 f"trial mode {s.trial_mode}; space: {', '.join(s.space) or 'empty'}",
                 highlight=False,
             )
-        outcome = run_search(spec, resume=resume, name=name, console=console)
+        outcome = run_search(spec, resume=resume, name=name, console=None if quiet else console)
     outcome.search_dir = root / outcome.search_dir  # unchanged when already absolute
     outcome.best_yaml = root / outcome.best_yaml if outcome.best_yaml else None
     return outcome

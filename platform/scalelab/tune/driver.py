@@ -394,28 +394,14 @@ def _searcher_costs(search_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def evaluate_checkpoint(path: str, data, spec: RecipeSpec) -> float:
-    """Test accuracy of a trial checkpoint (a model bundle folder) on the held-out test split."""
-    import torch
-
-    from scalelab.data.loader import TensorLoader
-    from scalelab.train.checkpoint import load_model_bundle
-    from scalelab.train.evaluate import evaluate
+    """Test accuracy (mAP@0.5 for detection) of a trial checkpoint (a model bundle folder) on the
+    held-out test split, normalised with the bundle's own statistics."""
+    from scalelab.artifacts.evaluate import evaluate_predictor
+    from scalelab.artifacts.predictor import Predictor
     from scalelab.train.runtime import select_runtime
 
-    model, _ = load_model_bundle(path)
-    runtime = select_runtime(spec.train)
-    model = model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loader = TensorLoader(
-        data.splits["test"],
-        256,
-        data.mean,
-        data.std,
-        device=runtime.device,
-        channels_last=runtime.channels_last,
-    )
-    return evaluate(model, loader, data.num_classes, runtime).accuracy
+    predictor = Predictor.from_bundle(path)
+    return evaluate_predictor(predictor, data.splits["test"], runtime=select_runtime(spec.train)).accuracy
 
 
 def _finish(spec, name, search_dir, grid, data, tracking, started, console, quiet) -> SearchOutcome:
@@ -431,7 +417,7 @@ def _finish(spec, name, search_dir, grid, data, tracking, started, console, quie
     )
 
     search = spec.search
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # paths and URLs whole, to copy
     rows, pruned = _rows(spec, grid, search_dir)
     rows = sort_rows(rows, search.metric, search.mode)
     interrupted = any(r["status"] == "running" for r in rows)
@@ -553,4 +539,9 @@ def _print_outcome(console, summary, best, best_yaml, search_dir, tracking, metr
         )
     console.print(f"results: {search_dir / 'results.csv'}", highlight=False)
     if tracking:
-        console.print(f"MLflow parent run {tracking['parent_run_id']} at {tracking['uri']}", highlight=False)
+        from scalelab.tracking.ui import run_location
+
+        lines = run_location(tracking["uri"], tracking["parent_run_id"])
+        console.print(lines[0].replace("MLflow run", "MLflow parent run"), highlight=False)
+        for line in lines[1:]:
+            console.print(line, highlight=False)

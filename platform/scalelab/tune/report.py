@@ -175,33 +175,63 @@ def _plot_parallel_coordinates(
     return path
 
 
+# Columns a narrow terminal loses first (rank, status and the metric always stay).
+DROP_ORDER = ("startup s", "epochs", "trial", "params")
+
+
+def summary_table(rows: list[dict[str, Any]], space_keys: list[str], metric: str, drop: tuple = ()):
+    from rich.table import Table
+
+    colours = {"completed": "green", "stopped": "yellow", "error": "red", "pruned": "magenta"}
+    columns: dict[str, Any] = {
+        "#": lambda rank, r: str(rank),
+        "trial": lambda rank, r: r["trial_id"],
+        "status": lambda rank, r: f"[{colours.get(r['status'], 'white')}]{r['status']}[/]",
+        metric: lambda rank, r: f"{r[metric]:.4f}" if isinstance(r.get(metric), (int, float)) else "-",
+        "epochs": lambda rank, r: str(r.get("epochs") or "-"),
+        "params": lambda rank, r: f"{r['params']:,}" if r.get("params") else "-",
+        "startup s": lambda rank, r: (
+            f"{r['startup_s']:.2f}" if isinstance(r.get("startup_s"), (int, float)) else "-"
+        ),
+    }
+    for key in space_keys:
+        columns[key.split(".", 1)[-1]] = lambda rank, r, key=key: _cell(r.get(key))
+    shown = [c for c in columns if c not in drop]
+    table = Table(title=f"search results (by {metric})", show_lines=False)
+    for col in shown:
+        table.add_column(col, justify="left" if col in ("trial", "status") else "right", no_wrap=True)
+    for rank, r in enumerate(rows, 1):
+        table.add_row(*[columns[c](rank, r) for c in shown])
+    return table
+
+
 def print_summary(
     console, rows: list[dict[str, Any]], space_keys: list[str], metric: str, limit: int = 12
 ) -> None:
-    from rich.table import Table
+    """The best ``limit`` trials as a table that fits ``console.width``: columns are left out (the
+    least telling first, then searched keys from the last) rather than squeezed to nothing; the
+    full table is results.csv."""
+    from rich.measure import Measurement
 
-    table = Table(title=f"search results (by {metric})", show_lines=False)
-    for col in ("#", "trial", "status", metric, "epochs", "params", "startup s"):
-        table.add_column(col, justify="right" if col not in ("trial", "status") else "left", no_wrap=True)
-    for key in space_keys:
-        table.add_column(key.split(".", 1)[-1])
-    colours = {"completed": "green", "stopped": "yellow", "error": "red", "pruned": "magenta"}
-    for rank, r in enumerate(rows[:limit], 1):
-        value = r.get(metric)
-        table.add_row(
-            str(rank),
-            r["trial_id"],
-            f"[{colours.get(r['status'], 'white')}]{r['status']}[/]",
-            f"{value:.4f}" if isinstance(value, (int, float)) else "-",
-            str(r.get("epochs") or "-"),
-            f"{r['params']:,}" if r.get("params") else "-",
-            f"{r['startup_s']:.2f}" if isinstance(r.get("startup_s"), (int, float)) else "-",
-            *[_cell(r.get(k)) for k in space_keys],
-        )
+    shown = rows[:limit]
+    space_cols = [k.split(".", 1)[-1] for k in space_keys]
+    candidates = [*DROP_ORDER, *reversed(space_cols)]
+    dropped: list[str] = []
+    table = summary_table(shown, space_keys, metric)
+    unbounded = console.options.update_width(100_000)  # the table's natural width, not clamped
+
+    while Measurement.get(console, unbounded, table).maximum > console.width and candidates:
+        dropped.append(candidates.pop(0))
+        table = summary_table(shown, space_keys, metric, tuple(dropped))
     console.print(table)
+    notes = []
+    if dropped:
+        notes.append(f"left out to fit {console.width} columns: {', '.join(dropped)}")
     hidden = len(rows) - limit
     if hidden > 0:
-        console.print(f"... and {hidden} more row(s) in results.csv", highlight=False)
+        notes.append(f"{hidden} more row(s)")
+    if notes:
+        console.print(f"({'; '.join(notes)}: all in results.csv)", highlight=False)
 
 
 def _cell(value: Any) -> str:

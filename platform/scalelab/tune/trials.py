@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from scalelab.config.console import quiet_third_party_logs
 from scalelab.config.specs import ParamSpace, RecipeSpec
 from scalelab.tune.space import apply_config, decode_config
 
@@ -35,6 +36,7 @@ def local_trial(config: dict[str, Any], base: dict[str, Any], space: dict[str, P
 
     from scalelab.train.loop import fit
 
+    quiet_third_party_logs()  # a trial process: its INFO lines would reach the driver's console
     spec = trial_spec(base, space, config)
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:

@@ -1,9 +1,11 @@
-"""Turn whatever a client sends into the exact tensor training saw, or say clearly why not.
+"""Images to the exact tensor a model was trained on: one implementation for every caller.
 
-Training normalises uint8 (N, H, W, C) images as ``(x - mean*255) / (std*255)`` per channel
-(``data/loader.py``); serving does the same after converting any size or colour mode to the
-model's ``image_size`` x ``image_size`` x ``channels``. Every failure is a :class:`BadInput` with an
-HTTP status and a message — bad input never becomes a server error.
+uint8 (N, H, W, C) images become float (N, C, H, W) as ``(x - mean*255) / (std*255)`` per channel,
+with the bundle's (or, while training, the dataset's) mean and std: the training loader
+(``data/loader.py``), evaluation of a bundle, the promotion gate, Serve and batch prediction all
+normalise here. Client input of any size or colour mode is first converted to the model's
+``image_size`` x ``image_size`` x ``channels`` (detection: letterboxed). Every failure to decode is a
+:class:`BadInput` with an HTTP status and a message — bad input never becomes a server error.
 """
 
 from __future__ import annotations
@@ -176,9 +178,60 @@ def _count_leaves(value: Any, cap: int) -> int:
     return count
 
 
-def normalise(batch: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float (B, C, H, W), exactly as ``TensorLoader`` does for training."""
+def pixel_scale(
+    mean: list[float] | tuple[float, ...], std: list[float] | tuple[float, ...], device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of [0, 1] pixels, scaled to uint8 units: two (1, C, 1, 1) tensors."""
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+    return m, s
+
+
+def normalise_tensor(x: torch.Tensor, mean_px: torch.Tensor, std_px: torch.Tensor) -> torch.Tensor:
+    """float (B, C, H, W) in [0, 255] -> normalised, with ``pixel_scale``'s tensors."""
+    return (x - mean_px) / std_px
+
+
+def normalise_images(batch: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> normalised float (B, C, H, W)."""
     x = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float()
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    return (x - mean) / std
+    return normalise_tensor(x, *pixel_scale(mean, std))
+
+
+def normalise(batch: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float (B, C, H, W) with the bundle's statistics."""
+    return normalise_images(batch, spec.mean, spec.std)
+
+
+# ------------------------------------------------------------------ detection: any size in
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Scale the longer side to ``size`` (aspect kept), pad right/bottom with 0. Returns (image, scale)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    squeeze = image.shape[-1] == 1
+    pil = Image.fromarray(image[..., 0] if squeeze else image)
+    if (nh, nw) != (h, w):  # area-average when shrinking (no aliasing), bilinear when enlarging
+        pil = pil.resize((nw, nh), Image.BOX if scale < 1 else Image.BILINEAR)
+    arr = np.asarray(pil)
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    out = np.zeros((size, size, arr.shape[-1]), dtype=np.uint8)
+    out[:nh, :nw] = arr
+    return out, scale
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W) or (H, W, C) uint8 -> (H, W, channels): grey <-> RGB, alpha dropped."""
+    img = image[..., None] if image.ndim == 2 else image
+    if img.shape[-1] == 4:
+        img = img[..., :3]
+    if img.shape[-1] == channels:
+        return img
+    if channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
+        grey = img[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return grey.round().clip(0, 255).astype(np.uint8)[..., None]
+    return np.repeat(img[..., :1], channels, axis=-1)

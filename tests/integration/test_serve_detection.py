@@ -83,6 +83,13 @@ def test_served_detection_boxes_in_original_pixels(workdir, ray_session):
             total += len(truth)
             found += sum(any(iou(t, b) > 0.5 for b in confident) for t in truth)
         assert found / total >= 0.5, (found, total)  # most objects found, at the right place and scale
+        # the pipeline's smoke test on the same service: well-formed answers, AP50 near offline
+        from scalelab.serve.smoke import check_smoke, smoke_test
+
+        smoke = smoke_test(url, test, {"test_map50": out.metrics["test_map50"]}, max_images=40)
+        check_smoke(smoke)
+        assert smoke["task"] == "detection" and smoke["errors"] == 0 and smoke["malformed"] == []
+        assert smoke["hit_rate"] >= 0.5 and smoke["objects"] > 40
         # multipart upload of a non-square image works too
         wide = np.concatenate([test.x[0], test.x[1]], axis=1)
         from PIL import Image

@@ -37,19 +37,11 @@ FORBIDDEN = {("registry", "serve"), ("serve", "registry"), ("registry", "train")
 
 # Edges (importer part, imported part) still to be removed by work in progress elsewhere. The
 # lead empties this after merging; an entry that no longer occurs fails the test (remove it).
-KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    # issue 14 part 3 (h14c, verbs as functions; cli.py maps verbs): models' CLI group pulls in
-    # registry's commands
-    ("models", "registry"),  # models/commands.py: registry.commands.add_model_commands
-}
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 
 # Module-level import cycles inside one part (each a set of modules importing each other, lazily),
 # still to be broken by work in progress elsewhere; the lead empties this after merging.
-KNOWN_MODULE_CYCLES: set[frozenset[str]] = {
-    # h14c: the pipeline calls the verbs; train's entry point split from the Ray assembly
-    frozenset({"scalelab.pipeline.commands", "scalelab.pipeline.steps"}),
-    frozenset({"scalelab.train.api", "scalelab.train.ray_trainer"}),
-}
+KNOWN_MODULE_CYCLES: set[frozenset[str]] = set()
 
 
 def part_of(module: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -89,19 +90,23 @@ def ui(
     console.print("MLflow UI stopped")
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("ui")
-    def ui_cmd(
-        port: int = typer.Option(None, "--port", help="Port for the UI (default: a free one)."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
-        tracking_uri: str = typer.Option(
-            None, "--tracking-uri", help="Store to show (default: $MLFLOW_TRACKING_URI, stack, embedded)."
+def ui_command(
+    port: Annotated[int | None, typer.Option("--port", help="Port for the UI (default: a free one).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Bind address (loopback by default).")] = "127.0.0.1",
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri", help="Store to show (default: $MLFLOW_TRACKING_URI, stack, embedded)."
         ),
-        run_id: str = typer.Option(None, "--run", help="Also print the UI link of this MLflow run."),
-    ) -> None:
-        """Open the MLflow UI (runs, searches, registry) on this project's store; Ctrl-C stops it."""
-        if host not in ("127.0.0.1", "localhost"):
-            console.print(
-                f"[yellow]warning[/]: the MLflow UI on {host} has no authentication", highlight=False
-            )
+    ] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="Also print the UI link of this MLflow run.")
+    ] = None,
+) -> None:
+    """Open the MLflow UI (runs, searches, registry) on this project's store; Ctrl-C stops it."""
+    from scalelab.config.project import in_project
+
+    if host not in ("127.0.0.1", "localhost"):
+        console.print(f"[yellow]warning[/]: the MLflow UI on {host} has no authentication", highlight=False)
+    with in_project():  # the project's embedded store, whatever folder this runs from
         ui(host=host, port=port, tracking_uri=tracking_uri, run_id=run_id)

@@ -2,8 +2,17 @@
 
 Each step declares a fingerprint of its inputs (the recipe sections it reads plus the outputs
 of the steps before it). A step whose fingerprint matches the last successful run, and whose
-outputs still exist, is skipped — the same rule as `dvc repro`. State lives in
-``.scalelab/pipeline/<recipe name>/state.json`` and is written after each step, atomically.
+outputs still exist, is skipped. State lives in ``.scalelab/pipeline/<recipe name>/state.json``
+(in the recipe's project) and is written after each step, atomically.
+
+This digest is the one thing that decides what is stale on the pipeline's path, for all eight
+steps; ``dvc.yaml`` does not describe these steps. Why not DVC for the whole path: five of the
+eight steps produce no file DVC could hash (a registry version, an alias moved by the promotion
+gate, a live Serve deployment checked by ``/readyz``, an HTTP smoke test, a report logged to
+MLflow), and the pipeline must also run where there is no DVC repository (a content hash then
+stands for the data version). ``dvc.yaml`` is DVC's own, separate path over files only (prepare
+-> train the recipe as written -> evaluate, for ``dvc repro`` / ``dvc exp`` / ``dvc metrics``):
+its stages call the same verbs, but neither path reads the other's record of what is done.
 """
 
 from __future__ import annotations

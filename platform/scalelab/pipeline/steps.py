@@ -5,16 +5,14 @@ to inputs and says what makes a step stale.
 
 from __future__ import annotations
 
-import io
 import json
-import statistics
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from scalelab.config import dump_recipe, load_recipe, recipe_to_dict
+from scalelab.config.project import absolute
 from scalelab.config.specs import RecipeSpec
 from scalelab.errors import ScalelabError
 from scalelab.pipeline.runner import Step, digest
@@ -27,35 +25,39 @@ def model_name(spec: RecipeSpec) -> str:
 
 
 # ----------------------------------------------------------------------------- data
-def run_data(spec: RecipeSpec) -> dict[str, Any]:
-    from scalelab.data.catalog import prepare
-    from scalelab.data.versioning import find_dvc_root, locked_hash, resolve_data_version
+def run_data(spec: RecipeSpec, recipe: Path, overrides: list[str]) -> dict[str, Any]:
+    from scalelab.data.commands import prepare
+    from scalelab.data.versioning import resolve_data_version
 
-    path = prepare(spec.data)
+    path = prepare(recipe, overrides, quiet=True)
     version = resolve_data_version(spec.data)
-    pushed = "not DVC-tracked (content hash only)"
-    root = find_dvc_root(path)
-    if root is not None and version.path and locked_hash(root, version.path)[0] == version.content_hash:
-        h = version.content_hash
-        if not (root / ".dvc" / "cache" / "files" / "md5" / h[:2] / h[2:]).is_file():
-            # a fresh clone: dvc.lock pins the version (hash + git rev) but the cache is empty;
-            # `dvc repro` rebuilds it into the cache (preparing is deterministic), pushing only
-            # that stage (a bare `dvc push` would also ask for other outputs never cached here)
-            stage = locking_stage(root, version.path)
-            fix = (
-                f"dvc repro {stage} && dvc push {stage}"
-                if stage
-                else f"dvc commit -f {version.path}.dvc && dvc push {version.path}.dvc"
-            )
-            pushed = f"not pushed: not in the local DVC cache; `{fix}` stores it"
-        else:
-            from scalelab.data.remote import transfer
+    return {"path": str(path), "version": version.to_dict(), "push": _push(recipe, overrides, path, version)}
 
-            try:
-                pushed = transfer(root, "push", [version.path]) or "pushed"
-            except ScalelabError as exc:  # the run can go on: the version is pinned by its hash
-                pushed = f"not pushed: {exc}"
-    return {"path": str(path), "version": version.to_dict(), "push": pushed}
+
+def _push(recipe: Path, overrides: list[str], path: Path, version) -> str:
+    """Push the prepared version to the DVC remote when DVC tracks it; say why not otherwise."""
+    from scalelab.data.commands import push
+    from scalelab.data.versioning import find_dvc_root, locked_hash
+
+    root = find_dvc_root(path)
+    if root is None or not version.path or locked_hash(root, version.path)[0] != version.content_hash:
+        return "not DVC-tracked (content hash only)"
+    h = version.content_hash
+    if not (root / ".dvc" / "cache" / "files" / "md5" / h[:2] / h[2:]).is_file():
+        # a fresh clone: dvc.lock pins the version (hash + git rev) but the cache is empty;
+        # `dvc repro` rebuilds it into the cache (preparing is deterministic), pushing only
+        # that stage (a bare `dvc push` would also ask for other outputs never cached here)
+        stage = locking_stage(root, version.path)
+        fix = (
+            f"dvc repro {stage} && dvc push {stage}"
+            if stage
+            else f"dvc commit -f {version.path}.dvc && dvc push {version.path}.dvc"
+        )
+        return f"not pushed: not in the local DVC cache; `{fix}` stores it"
+    try:
+        return push(recipe, overrides, quiet=True) or "pushed"
+    except ScalelabError as exc:  # the run can go on: the version is pinned by its hash
+        return f"not pushed: {exc}"
 
 
 def locking_stage(root: Path, relpath: str) -> str | None:
@@ -75,17 +77,16 @@ def data_done(out: dict[str, Any]) -> bool:
 
 
 # ----------------------------------------------------------------------------- tune
-def run_tune(spec: RecipeSpec, recipe_path: Path) -> dict[str, Any]:
+def run_tune(spec: RecipeSpec, recipe: Path, overrides: list[str]) -> dict[str, Any]:
     if not spec.search.space:
-        return {"best_yaml": str(recipe_path), "searched": False}
-    from scalelab.tune.driver import run_search
+        return {"best_yaml": str(recipe), "searched": False}
+    from scalelab.tune.commands import tune
 
     name = f"{spec.name}-pipeline-{digest(recipe_to_dict(spec))[:8]}"
-    outcome = run_search(spec, name=name)
+    outcome = tune(recipe, overrides, name=name, quiet=True)
     if outcome.interrupted or outcome.best_yaml is None:
         raise ScalelabError(f"search {name} ended without a best trial (interrupted or all trials failed)")
     plot = outcome.search_dir / "accuracy_vs_params.png"
-    plot = plot if plot.is_file() else None
     return {
         "searched": True,
         "name": name,
@@ -96,66 +97,82 @@ def run_tune(spec: RecipeSpec, recipe_path: Path) -> dict[str, Any]:
         "pruned": len(outcome.pruned),
         "best_test_acc": outcome.test_acc,
         "wall_seconds": round(outcome.wall_seconds, 1),
-        "plot": str(plot) if plot else None,
+        "plot": str(plot) if plot.is_file() else None,
         "top": [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in outcome.rows[:8]],
     }
 
 
 # ----------------------------------------------------------------------------- train
-def run_train(spec: RecipeSpec, outputs: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    from scalelab.train.api import run_training
-
-    best = load_recipe(outputs["tune"]["best_yaml"], overrides)
-    # the full-budget run keeps the pipeline recipe's training budget and tracking settings
+def full_budget_recipe(spec: RecipeSpec, best_yaml: str, overrides: list[str], run_name: str) -> Path:
+    """The best trial's recipe with the pipeline's budget, tracking, promotion and serving, written
+    where `scalelab train` (and a user) can run it: .scalelab/pipeline/<name>/train.yaml."""
+    best = load_recipe(best_yaml, overrides)
     best = best.model_copy(
         update={
             "search": spec.search.model_copy(update={"space": {}}),
             "tracking": spec.tracking,
             "promotion": spec.promotion,
             "serve": spec.serve,
+            "train": best.train.model_copy(update={"run_name": run_name}),
         }
     )
     best = RecipeSpec.model_validate(recipe_to_dict(best))
+    return dump_recipe(best, absolute(Path(".scalelab/pipeline") / spec.name / "train.yaml"))
+
+
+def run_train(spec: RecipeSpec, outputs: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    from scalelab.train.commands import train
+
     # a fresh run each time the step runs (whether it runs is the fingerprint's business)
     run_name = f"{spec.name}-best-{time.strftime('%Y%m%d-%H%M%S')}"
-    outcome = run_training(best, run_name=run_name, progress=True)
+    recipe = full_budget_recipe(spec, outputs["tune"]["best_yaml"], overrides, run_name)
+    outcome = train(recipe, quiet=True)
     out_dir = outcome.model_dir.parent
-    dump_recipe(best, out_dir / "recipe.yaml")
+    shutil.copy(recipe, out_dir / "recipe.yaml")
+    m = outcome.metrics
     return {
         "run_name": outcome.run_name,
         "run_id": outcome.run_id,
         "tracking_uri": outcome.tracking_uri,
         "model_dir": str(outcome.model_dir),
         "metrics_file": str(out_dir / "metrics.json"),
-        "test_acc": outcome.metrics["test_acc"],
-        "params": outcome.metrics["params"],
-        "wall_seconds": round(outcome.metrics["wall_seconds"], 1),
+        "test_acc": m.get("test_acc"),  # classifiers
+        "test_map50": m.get("test_map50"),  # detectors
+        "params": m["params"],
+        "wall_seconds": round(m["wall_seconds"], 1),
     }
 
 
 # ----------------------------------------------------------------------------- registry
 def run_register(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
-    from scalelab.registry.register import register_run
-    from scalelab.tracking.bundles import connect
-    from scalelab.tracking.uri import resolve_tracking_uri
+    from scalelab.registry.commands import register
 
     train = outputs["train"]
-    client = connect(resolve_tracking_uri(spec.tracking.uri))
-    ref = train["run_id"] or train["model_dir"]
-    mv = register_run(client, ref, name=model_name(spec), description=spec.description or None)
+    mv = register(
+        train["run_id"] or train["model_dir"],
+        name=model_name(spec),
+        tracking_uri=spec.tracking.uri,
+        description=spec.description or None,
+        quiet=True,
+    )
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id}
 
 
 def run_promote(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
-    from scalelab.registry.promote import promote
+    from scalelab.registry.commands import promote
     from scalelab.registry.store import champion
     from scalelab.tracking.bundles import connect
     from scalelab.tracking.uri import resolve_tracking_uri
 
     reg = outputs["register"]
-    client = connect(resolve_tracking_uri(spec.tracking.uri))
-    outcome = promote(client, reg["name"], version=reg["version"], policy=spec.promotion.model_dump())
-    champ = champion(client, reg["name"])
+    outcome = promote(
+        reg["name"],
+        version=reg["version"],
+        tracking_uri=spec.tracking.uri,
+        policy=spec.promotion.model_dump(),
+        quiet=True,
+    )
+    champ = champion(connect(resolve_tracking_uri(spec.tracking.uri)), reg["name"])
     if champ is None:
         raise ScalelabError(
             f"no @champion for {reg['name']}: version {reg['version']} was refused "
@@ -176,31 +193,41 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- serve
-def run_serve(spec: RecipeSpec, outputs: dict[str, Any]) -> dict[str, Any]:
+def run_serve(
+    spec: RecipeSpec, recipe: Path, overrides: list[str], outputs: dict[str, Any]
+) -> dict[str, Any]:
     """Deploy NAME@champion on Ray Serve. On the embedded default a Ray head of our own (by pid,
     recorded in .scalelab/stack.json) hosts it, so the service outlives this command."""
+    from scalelab.serve.commands import deploy
+
+    ensure_lasting_ray()
+    target = f"{outputs['register']['name']}@champion"
+    deployment = deploy(target, overrides, recipe, tracking_uri=spec.tracking.uri)
+    return {
+        "url": deployment.url,
+        "app": deployment.app,
+        "target": target,
+        "champion": outputs["promote"]["champion"],
+    }
+
+
+def ensure_lasting_ray() -> None:
+    """Connect through the Ray session (tests, jobs, `scalelab up`); with no head to connect to,
+    first start one of our own (by pid, in .scalelab/stack.json) so the served model outlives
+    this command."""
+    import os
+
     import ray
-    from ray import serve
 
-    from scalelab.serve.deploy import app_name, build_application
-    from scalelab.tracking.uri import resolve_tracking_uri
+    from scalelab.cluster.session import connect_ray, live_ray_address
+    from scalelab.cluster.stack import up
 
-    name = outputs["register"]["name"]
-    target = f"{name}@champion"
-    if not ray.is_initialized():
-        from scalelab.pipeline.commands import ensure_lasting_ray
-
-        ensure_lasting_ray()
-    s = spec.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
-    uri = resolve_tracking_uri(spec.tracking.uri)
-    application = build_application(
-        {"model": target, "tracking_uri": uri, "serve": s.model_dump(mode="json")}
-    )
-    appname = app_name(s, name)
-    serve.run(application, name=appname, route_prefix=s.route_prefix)
-    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
-    return {"url": url, "app": appname, "target": target, "champion": outputs["promote"]["champion"]}
+    if ray.is_initialized():
+        return
+    if not os.environ.get("RAY_ADDRESS") and live_ray_address() is None:
+        print("starting a local Ray head for the pipeline (stop it with `scalelab down`)")
+        up(mlflow=False, s3=False, ray=True)
+    connect_ray()  # the head's address and its token auth mode come from stack.json
 
 
 def serve_done(out: dict[str, Any]) -> bool:
@@ -215,63 +242,70 @@ def serve_done(out: dict[str, Any]) -> bool:
 
 # ----------------------------------------------------------------------------- smoke
 def run_smoke(spec: RecipeSpec, outputs: dict[str, Any], max_images: int = 200) -> dict[str, Any]:
-    """POST held-out test images (PNG) over HTTP; accuracy and latency as a client sees them."""
-    import base64
+    """Held-out test images over HTTP (serve/smoke.py); fails when the answers are wrong."""
     import os
 
-    import httpx
-    from PIL import Image
-
     from scalelab.data.dataset import read_prepared
+    from scalelab.serve.smoke import check_smoke, smoke_test
 
-    data = read_prepared(outputs["data"]["path"])
-    test = data.splits["test"]
-    n = min(max_images, len(test))
-    url = outputs["serve"]["url"]
-    headers = {}
-    key = os.environ.get(spec.serve.api_key_env)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-
-    def png(img: np.ndarray) -> str:
-        buf = io.BytesIO()
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode()
-
-    latencies, correct, errors = [], 0, 0
-    with httpx.Client(timeout=30, headers=headers) as client:
-        model_info = client.get(f"{url}/v1/model").json()
-        for i in range(n):
-            t = time.perf_counter()
-            r = client.post(f"{url}/v1/predict", json={"images": [png(test.x[i])]})
-            latencies.append((time.perf_counter() - t) * 1000)
-            if r.status_code != 200:
-                errors += 1
-                continue
-            top = r.json()["predictions"][0][0]  # image 0, best class
-            correct += int(top["index"] == int(test.y[i]))
-    lat = sorted(latencies)
-    return {
-        "url": url,
-        "images": n,
-        "errors": errors,
-        "served_test_acc": round(correct / max(1, n), 4),
-        "offline_test_acc": round(outputs["train"]["test_acc"], 4),
-        "latency_p50_ms": round(statistics.median(lat), 2),
-        "latency_p95_ms": round(lat[int(0.95 * (len(lat) - 1))], 2),
-        "served_version": str(model_info.get("version")),
-    }
+    test = read_prepared(outputs["data"]["path"]).splits["test"]
+    offline = {k: v for k, v in outputs["train"].items() if k.startswith("test_") and v is not None}
+    result = smoke_test(
+        outputs["serve"]["url"], test, offline, os.environ.get(spec.serve.api_key_env), max_images
+    )
+    check_smoke(result)
+    return result
 
 
 # ----------------------------------------------------------------------------- report
 def run_report(spec: RecipeSpec, outputs: dict[str, Any], reports_dir: str = "reports") -> dict[str, Any]:
     from scalelab.pipeline.report import write_report
+
+    out_dir = absolute(Path(reports_dir) / spec.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    html_path, md_path = write_report(report_context(spec, outputs, out_dir), out_dir)
+    tune, train = outputs["tune"], outputs["train"]
+    logged_to = _log_report(spec, tune.get("parent_run_id") or train["run_id"], out_dir)
+    return {"html": str(html_path), "markdown": str(md_path), "logged_to_run": logged_to}
+
+
+def report_context(spec: RecipeSpec, outputs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """What the report shows, section by section (pipeline/report.py renders it)."""
+    tune, train, promo, smoke = outputs["tune"], outputs["train"], outputs["promote"], outputs["smoke"]
+    reg = outputs["register"]
+    metrics = json.loads(Path(train["metrics_file"]).read_text())
+    return {
+        "title": f"scalelab pipeline report: {spec.name}",
+        "subtitle": f"{time.strftime('%Y-%m-%d %H:%M:%S')} · recipe {spec.name} · "
+        f"model {reg['name']} v{reg['version']}",
+        "summary": {
+            "served URL": outputs["serve"]["url"],
+            **_served_quality(smoke, train),
+            "parameters": train["params"],
+            "promotion": promo["decision"],
+            "champion version": promo["champion"],
+        },
+        "search": {"rows": tune.get("top", []), "plot": tune.get("plot")},
+        "train": _train_section(train, metrics, out_dir),
+        "promotion": {
+            "decision": promo["decision"],
+            "passed": promo["decision"] in ("promoted", "unchanged"),
+            "numbers": {**promo["numbers"], "reasons": "; ".join(promo["reasons"])},
+        },
+        "serving": smoke,
+        "lineage": _lineage(outputs),
+    }
+
+
+def _served_quality(smoke: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
+    if smoke.get("task") == "detection":
+        return {"served AP50": smoke["served_map50"], "offline test mAP50": train["test_map50"]}
+    return {"served test accuracy": smoke["served_test_acc"], "offline test accuracy": train["test_acc"]}
+
+
+def _train_section(train: dict[str, Any], metrics: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     from scalelab.tracking.plots import plot_confusion_matrix, plot_training_curves
 
-    out_dir = Path(reports_dir) / spec.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    train = outputs["train"]
-    metrics = json.loads(Path(train["metrics_file"]).read_text())
     meta = json.loads((Path(train["model_dir"]) / "model.json").read_text())
     curves = plot_training_curves(metrics.get("history", []), out_dir / "training_curves.png")
     confusion = None
@@ -279,56 +313,35 @@ def run_report(spec: RecipeSpec, outputs: dict[str, Any], reports_dir: str = "re
         confusion = plot_confusion_matrix(
             metrics["confusion"], meta["dataset"]["classes"], out_dir / "confusion.png"
         )
-    tune, promo, smoke = outputs["tune"], outputs["promote"], outputs["smoke"]
-    version = outputs["data"]["version"]
+    return {
+        "metrics": {
+            "run": train["run_name"],
+            **{k: train[k] for k in ("test_acc", "test_map50") if train.get(k) is not None},
+            "params": train["params"],
+            "precision": metrics.get("precision"),
+            "wall_seconds": train["wall_seconds"],
+            "epochs": len(metrics.get("history", [])),
+        },
+        "curves": curves,
+        "confusion": confusion,
+    }
+
+
+def _lineage(outputs: dict[str, Any]) -> dict[str, Any]:
     from scalelab.tracking.lineage import git_state
 
+    version, reg = outputs["data"]["version"], outputs["register"]
     git = git_state()
-    ctx = {
-        "title": f"scalelab pipeline report: {spec.name}",
-        "subtitle": f"{time.strftime('%Y-%m-%d %H:%M:%S')} · recipe {spec.name} · "
-        f"model {outputs['register']['name']} v{outputs['register']['version']}",
-        "summary": {
-            "served URL": outputs["serve"]["url"],
-            "served test accuracy": smoke["served_test_acc"],
-            "offline test accuracy": train["test_acc"],
-            "parameters": train["params"],
-            "promotion": promo["decision"],
-            "champion version": promo["champion"],
-        },
-        "search": {"rows": tune.get("top", []), "plot": tune.get("plot")},
-        "train": {
-            "metrics": {
-                "run": train["run_name"],
-                "test_acc": train["test_acc"],
-                "params": train["params"],
-                "precision": metrics.get("precision"),
-                "wall_seconds": train["wall_seconds"],
-                "epochs": len(metrics.get("history", [])),
-            },
-            "curves": curves,
-            "confusion": confusion,
-        },
-        "promotion": {
-            "decision": promo["decision"],
-            "passed": promo["decision"] in ("promoted", "unchanged"),
-            "numbers": {**promo["numbers"], "reasons": "; ".join(promo["reasons"])},
-        },
-        "serving": smoke,
-        "lineage": {
-            "data": f"{version['name']} md5 {version['content_hash']}",
-            "data git rev": version.get("rev"),
-            "data remote": version.get("remote"),
-            "git commit": git.get("git.commit"),
-            "git dirty": git.get("git.dirty"),
-            "search parent run": tune.get("parent_run_id"),
-            "training run": train["run_id"],
-            "model version": f"{outputs['register']['name']} v{outputs['register']['version']}",
-        },
+    return {
+        "data": f"{version['name']} md5 {version['content_hash']}",
+        "data git rev": version.get("rev"),
+        "data remote": version.get("remote"),
+        "git commit": git.get("git.commit"),
+        "git dirty": git.get("git.dirty"),
+        "search parent run": outputs["tune"].get("parent_run_id"),
+        "training run": outputs["train"]["run_id"],
+        "model version": f"{reg['name']} v{reg['version']}",
     }
-    html_path, md_path = write_report(ctx, out_dir)
-    logged_to = _log_report(spec, tune.get("parent_run_id") or train["run_id"], out_dir)
-    return {"html": str(html_path), "markdown": str(md_path), "logged_to_run": logged_to}
 
 
 def _log_report(spec: RecipeSpec, run_id: str | None, out_dir: Path) -> str | None:
@@ -348,19 +361,19 @@ def _log_report(spec: RecipeSpec, run_id: str | None, out_dir: Path) -> str | No
     return run_id
 
 
-def build_steps(spec: RecipeSpec, recipe_path: Path, overrides: list[str]) -> list[Step]:
+def build_steps(spec: RecipeSpec, recipe: Path, overrides: list[str]) -> list[Step]:
     d = recipe_to_dict(spec)
     return [
         Step(
             "data",
-            lambda o: run_data(spec),
+            lambda o: run_data(spec, recipe, overrides),
             lambda o: d["data"],
             data_done,
             "prepare + version the dataset (DVC)",
         ),
         Step(
             "tune",
-            lambda o: run_tune(spec, recipe_path),
+            lambda o: run_tune(spec, recipe, overrides),
             lambda o: [d["search"], d["model"], d["train"], o["data"]["version"]["content_hash"]],
             lambda out: Path(out["best_yaml"]).is_file(),
             "Ray Tune search (Optuna + ASHA)",
@@ -391,7 +404,7 @@ def build_steps(spec: RecipeSpec, recipe_path: Path, overrides: list[str]) -> li
         ),
         Step(
             "serve",
-            lambda o: run_serve(spec, o),
+            lambda o: run_serve(spec, recipe, overrides, o),
             lambda o: [o["promote"]["champion"], d["serve"]],
             serve_done,
             "Ray Serve deployment of NAME@champion",

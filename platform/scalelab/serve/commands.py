@@ -1,124 +1,168 @@
-"""``scalelab serve NAME[@alias|/version]``: deploy the model on Ray Serve, or write its configs."""
+"""``scalelab serve NAME[@alias|/version]``: deploy the model on Ray Serve, or write its configs.
+
+:func:`deploy` is the verb for Python callers and the pipeline (deploy, return the URL);
+:func:`serve_command` is the command line's: deploy, then keep serving until Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from scalelab.config.project import absolute, in_project
+
 console = Console()
 
 
-def _serve_spec(recipe: str | None, target_name: str, overrides: list[str]):
+@dataclass
+class Deployment:
+    target: str  # NAME@alias, NAME/version or NAME
+    app: str  # the Serve application name
+    url: str  # http://host:port/prefix (no trailing slash)
+
+
+Target = Annotated[str, typer.Argument(help="NAME (follows @champion), NAME@alias, or NAME/version.")]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides: serve.port=8080 serve.autoscaling=true.")
+]
+RecipeOption = Annotated[
+    Path | None, typer.Option("--recipe", help="Recipe with the serve section (default pipelines/NAME.yaml).")
+]
+Bundle = Annotated[
+    Path | None, typer.Option("--bundle", help="Serve a local model bundle folder instead of the registry.")
+]
+TrackingUri = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: resolved).")]
+Address = Annotated[
+    str | None, typer.Option("--address", help="Ray address (default: the `scalelab up` stack or local).")
+]
+
+
+def _serve_spec(recipe: Path | None, target_name: str, overrides: list[str]):
+    """The serve section of the recipe (default: pipelines/NAME.yaml of the current project)."""
     from scalelab.config import load_recipe
     from scalelab.config.specs import RecipeSpec
 
     path = recipe or (
-        f"pipelines/{target_name}.yaml" if Path(f"pipelines/{target_name}.yaml").is_file() else None
+        Path(f"pipelines/{target_name}.yaml") if Path(f"pipelines/{target_name}.yaml").is_file() else None
     )
     spec = load_recipe(path, overrides) if path else RecipeSpec()
     return spec.serve
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("serve")
-    def serve_cmd(
-        target: str = typer.Argument(..., help="NAME (follows @champion), NAME@alias, or NAME/version."),
-        overrides: list[str] = typer.Argument(
-            None, help="Dotted overrides: serve.port=8080 serve.autoscaling=true."
-        ),
-        recipe: str = typer.Option(
-            None, "--recipe", help="Recipe with the serve section (default pipelines/NAME.yaml)."
-        ),
-        bundle: str = typer.Option(
-            None, "--bundle", help="Serve a local model bundle folder instead of the registry."
-        ),
-        tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow URI (default: resolved)."),
-        address: str = typer.Option(
-            None, "--address", help="Ray address (default: the `scalelab up` stack or local)."
-        ),
-        emit_config: str = typer.Option(
-            None, "--emit-config", help="Write the Serve config file here and exit."
-        ),
-        emit_rayservice: str = typer.Option(
-            None, "--emit-rayservice", help="Write a RayService manifest and exit."
-        ),
-    ) -> None:
-        """Serve a registered model over HTTP with Ray Serve (batching, autoscaling, hot swap)."""
-        from scalelab.serve.deploy import (
-            app_name,
-            build_application,
-            parse_target,
-            rayservice_manifest,
-            serve_config,
-            write_yaml,
-        )
+def _check_registered(name: str, alias: str | None, version: str | None, uri: str) -> None:
+    """Fetch the version's bundle once here, so a missing model fails now, clearly, not in a replica."""
+    import tempfile
 
-        name, alias, version = parse_target(target)
+    from scalelab.tracking.bundles import connect, fetch_version_bundle, resolve_version
+
+    client = connect(uri)
+    mv = resolve_version(client, name, version, None if version else alias)
+    with tempfile.TemporaryDirectory() as tmp:
+        fetch_version_bundle(client, mv, tmp)
+
+
+def deploy(
+    target: str,
+    overrides: list[str] | None = None,
+    recipe: Path | None = None,
+    bundle: Path | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+) -> Deployment:
+    """Deploy TARGET (or a local bundle) on Ray Serve and return where it answers; it keeps running."""
+    from ray import serve
+
+    from scalelab.cluster.session import connect_ray
+    from scalelab.serve.deploy import app_name, build_application, parse_target
+    from scalelab.tracking.uri import resolve_tracking_uri
+
+    name, alias, version = parse_target(target)
+    recipe = absolute(recipe) if recipe else None
+    bundle = absolute(bundle) if bundle else None
+    with in_project(recipe):
         spec = _serve_spec(recipe, name, overrides or [])
-        if emit_config or emit_rayservice:
-            uri = tracking_uri  # None: replicas take MLFLOW_TRACKING_URI from their environment
-            if emit_config:
-                write_yaml(
-                    serve_config(spec, target, uri),
-                    emit_config,
-                    f"Generated by `scalelab serve {target} --emit-config`; "
-                    "run with `serve run` or `serve deploy`.",
-                )
-                console.print(f"wrote {emit_config}")
-            if emit_rayservice:
-                write_yaml(
-                    rayservice_manifest(spec, target, uri),
-                    emit_rayservice,
-                    f"Generated by `scalelab serve {target} --emit-rayservice`; `kubectl apply -f` it.",
-                )
-                console.print(f"wrote {emit_rayservice}")
-            return
-
-        from ray import serve
-
-        from scalelab.cluster.session import connect_ray
-        from scalelab.tracking.uri import resolve_tracking_uri
-
         uri = None if bundle else resolve_tracking_uri(tracking_uri)
         if uri:
-            from scalelab.tracking.bundles import connect, fetch_version_bundle, resolve_version
-
-            client = connect(uri)  # fail here, clearly, rather than in a replica
-            mv = resolve_version(client, name, version, None if version else alias)
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                fetch_version_bundle(client, mv, tmp)
+            _check_registered(name, alias, version, uri)
         connect_ray(address, log_to_driver=False, configure_logging=False, include_dashboard=None)
-        serve.start(http_options={"host": spec.host, "port": spec.port})
-        application = build_application(
-            {
-                "model": target,
-                "tracking_uri": uri,
-                "bundle_path": bundle,
-                "serve": spec.model_dump(mode="json"),
-            }
-        )
-        appname = app_name(spec, name)
-        serve.run(application, name=appname, route_prefix=spec.route_prefix)
-        url = f"http://{spec.host}:{spec.port}{spec.route_prefix.rstrip('/')}"
-        console.print(
-            f"[bold green]serving[/] {target} at {url}/ (demo page), {url}/v1/predict; Ctrl-C stops it",
-            highlight=False,
-        )
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    application = build_application(
+        {
+            "model": target,
+            "tracking_uri": uri,
+            "bundle_path": str(bundle) if bundle else None,
+            "serve": spec.model_dump(mode="json"),
+        }
+    )
+    appname = app_name(spec, name)
+    serve.run(application, name=appname, route_prefix=spec.route_prefix)
+    return Deployment(target, appname, f"http://{spec.host}:{spec.port}{spec.route_prefix.rstrip('/')}")
 
-        def _stop(*_):
-            raise KeyboardInterrupt
 
-        signal.signal(signal.SIGTERM, _stop)  # `kill PID` stops it as cleanly as Ctrl-C
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            console.print("stopping")
-        finally:
-            serve.delete(appname)
+def _emit(target: str, spec, uri: str | None, emit_config: Path | None, emit_rayservice: Path | None) -> None:
+    from scalelab.serve.deploy import rayservice_manifest, serve_config, write_yaml
+
+    if emit_config:
+        header = (
+            f"Generated by `scalelab serve {target} --emit-config`; run with `serve run` or `serve deploy`."
+        )
+        write_yaml(serve_config(spec, target, uri), emit_config, header)
+        console.print(f"wrote {emit_config}")
+    if emit_rayservice:
+        header = f"Generated by `scalelab serve {target} --emit-rayservice`; `kubectl apply -f` it."
+        write_yaml(rayservice_manifest(spec, target, uri), emit_rayservice, header)
+        console.print(f"wrote {emit_rayservice}")
+
+
+def _serve_until_stopped(app: str) -> None:
+    from ray import serve
+
+    def _stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # `kill PID` stops it as cleanly as Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        serve.delete(app)
+
+
+def serve_command(
+    target: Target,
+    overrides: Overrides = None,
+    recipe: RecipeOption = None,
+    bundle: Bundle = None,
+    tracking_uri: TrackingUri = None,
+    address: Address = None,
+    emit_config: Annotated[
+        Path | None, typer.Option("--emit-config", help="Write the Serve config file here and exit.")
+    ] = None,
+    emit_rayservice: Annotated[
+        Path | None, typer.Option("--emit-rayservice", help="Write a RayService manifest and exit.")
+    ] = None,
+) -> None:
+    """Serve a registered model over HTTP with Ray Serve (batching, autoscaling, hot swap)."""
+    if emit_config or emit_rayservice:
+        from scalelab.serve.deploy import parse_target
+
+        with in_project(absolute(recipe) if recipe else None):
+            spec = _serve_spec(absolute(recipe) if recipe else None, parse_target(target)[0], overrides or [])
+        # tracking_uri None: replicas take MLFLOW_TRACKING_URI from their environment
+        _emit(target, spec, tracking_uri, emit_config, emit_rayservice)
+        return
+    deployment = deploy(target, overrides, recipe, bundle, tracking_uri, address)
+    url = deployment.url
+    console.print(
+        f"[bold green]serving[/] {target} at {url}/ (demo page), {url}/v1/predict; Ctrl-C stops it",
+        highlight=False,
+    )
+    _serve_until_stopped(deployment.app)

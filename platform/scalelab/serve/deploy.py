@@ -121,42 +121,8 @@ def rayservice_manifest(spec: ServeSpec, target: str, tracking_uri: str | None) 
     name, _, _ = parse_target(target)
     config = serve_config(spec, target, tracking_uri)
     config["http_options"]["host"] = "0.0.0.0"  # inside the pod; the Kubernetes Service decides exposure
-    env = [
-        {
-            "name": spec.api_key_env,
-            "valueFrom": {
-                "secretKeyRef": {"name": "scalelab-serve", "key": spec.api_key_env, "optional": True}
-            },
-        }
-    ]
-    env_from = [{"secretRef": {"name": "scalelab-s3"}}, {"secretRef": {"name": "scalelab-mlflow"}}]
-    cpu = f"{spec.cpus_per_replica:g}"
-    worker_resources: dict[str, Any] = {
-        "requests": {"cpu": cpu, "memory": "2Gi"},
-        "limits": {"cpu": cpu, "memory": "2Gi"},
-    }
-    if spec.gpus_per_replica:
-        worker_resources["limits"]["nvidia.com/gpu"] = str(max(1, round(spec.gpus_per_replica)))
+    head, worker = _containers(spec)
     workers = spec.max_replicas if spec.autoscaling else spec.num_replicas
-    head = {
-        "name": "ray-head",
-        "image": spec.image,
-        "env": env,
-        "envFrom": env_from,
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
-        "ports": [
-            {"containerPort": 6379, "name": "gcs"},
-            {"containerPort": 8265, "name": "dashboard"},
-            {"containerPort": spec.port, "name": "serve"},
-        ],
-    }
-    worker = {
-        "name": "ray-worker",
-        "image": spec.image,
-        "env": env,
-        "envFrom": env_from,
-        "resources": worker_resources,
-    }
     serve_v2 = {"http_options": config["http_options"], "applications": config["applications"]}
     return {
         "apiVersion": "ray.io/v1",
@@ -184,6 +150,46 @@ def rayservice_manifest(spec: ServeSpec, target: str, tracking_uri: str | None) 
             },
         },
     }
+
+
+def _containers(spec: ServeSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The head container (no replicas: num-cpus 0 on the head) and a model-replica worker's."""
+    env = [
+        {
+            "name": spec.api_key_env,
+            "valueFrom": {
+                "secretKeyRef": {"name": "scalelab-serve", "key": spec.api_key_env, "optional": True}
+            },
+        }
+    ]
+    env_from = [{"secretRef": {"name": "scalelab-s3"}}, {"secretRef": {"name": "scalelab-mlflow"}}]
+    cpu = f"{spec.cpus_per_replica:g}"
+    worker_resources: dict[str, Any] = {
+        "requests": {"cpu": cpu, "memory": "2Gi"},
+        "limits": {"cpu": cpu, "memory": "2Gi"},
+    }
+    if spec.gpus_per_replica:
+        worker_resources["limits"]["nvidia.com/gpu"] = str(max(1, round(spec.gpus_per_replica)))
+    head = {
+        "name": "ray-head",
+        "image": spec.image,
+        "env": env,
+        "envFrom": env_from,
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
+        "ports": [
+            {"containerPort": 6379, "name": "gcs"},
+            {"containerPort": 8265, "name": "dashboard"},
+            {"containerPort": spec.port, "name": "serve"},
+        ],
+    }
+    worker = {
+        "name": "ray-worker",
+        "image": spec.image,
+        "env": env,
+        "envFrom": env_from,
+        "resources": worker_resources,
+    }
+    return head, worker
 
 
 class _Literal(str):

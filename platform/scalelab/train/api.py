@@ -18,7 +18,7 @@ from scalelab.config.specs import RecipeSpec
 from scalelab.data.catalog import load_dataset, prepared_path
 from scalelab.data.samples import write_samples
 from scalelab.errors import ConfigError
-from scalelab.train.loop import FitResult, bundle_meta, check_model_fits_data
+from scalelab.train.loop import bundle_meta, check_model_fits_data, default_run_name, fit_metrics
 
 
 @dataclass
@@ -30,25 +30,6 @@ class TrainOutcome:
     run_id: str | None = None  # the MLflow run, when tracking is enabled
     tracking_uri: str | None = None  # where that run is
     experiment_id: str | None = None
-
-
-def default_run_name(spec: RecipeSpec) -> str:
-    return spec.train.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def fit_metrics(result: FitResult) -> dict[str, Any]:
-    """What a finished fit is summarised by (the same in local mode and on Ray)."""
-    return {
-        **result.test.as_metrics("test"),  # detection: test_map50, test_map, test_map_small, ...
-        "test_acc": result.test.accuracy,
-        "test_loss": result.test.loss,
-        "val_acc": result.val.accuracy,
-        "params": result.params,
-        "precision": result.runtime.precision,
-        "resumed_from_epoch": result.start_epoch,
-        "per_class_test_acc": result.test.per_class_accuracy,
-        "confusion": result.test.confusion.tolist() or None,  # None for detection
-    }
 
 
 def example_batch(data, n: int = 2) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -73,28 +73,36 @@ def evaluate_bundle(
     }
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("evaluate")
-    def evaluate_cmd(
-        model_dir: str = typer.Argument(..., help="Model bundle folder (model.safetensors + model.json)."),
-        recipe: str = typer.Argument(..., help="Recipe YAML whose prepared dataset to evaluate on."),
-        overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.threads=1."),
-        out: str = typer.Option(None, "--out", help="Write the metrics as JSON here (a DVC metrics file)."),
-        split: str = typer.Option("test", "--split", help="Split to evaluate: train, val or test."),
-        test_time_flip: bool = typer.Option(
-            None,
+def evaluate_command(
+    model_dir: Annotated[Path, typer.Argument(help="Model bundle folder (model.safetensors + model.json).")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML whose prepared dataset to evaluate on.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.threads=1.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the metrics as JSON here (a DVC metrics file).")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="Split to evaluate: train, val or test.")] = "test",
+    test_time_flip: Annotated[
+        bool | None,
+        typer.Option(
             "--test-time-flip/--no-test-time-flip",
             help="Average each image with its mirror (or not) for this evaluation; default: as trained.",
         ),
-    ) -> None:
-        """Evaluate a trained model bundle on the recipe's prepared data."""
-        metrics = evaluate_bundle(model_dir, recipe, overrides, split, test_time_flip)
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(metrics, indent=2) + "\n")
-        note = "" if metrics["same_data_as_training"] else " (data version differs from training's)"
-        console.print(
-            f"{split}_acc {metrics[f'{split}_acc']:.4f}  {split}_loss {metrics[f'{split}_loss']:.4f}  "
-            f"on {metrics['images']} images{note}{' -> ' + out if out else ''}",
-            highlight=False,
-        )
+    ] = None,
+) -> dict[str, Any]:
+    """Evaluate a trained model bundle on the recipe's prepared data."""
+    from scalelab.config.project import absolute, in_project
+
+    with in_project(absolute(recipe)):  # the recipe's data_dir is relative to its project
+        metrics = evaluate_bundle(absolute(model_dir), absolute(recipe), overrides, split, test_time_flip)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2) + "\n")
+    note = "" if metrics["same_data_as_training"] else " (data version differs from training's)"
+    console.print(
+        f"{split}_acc {metrics[f'{split}_acc']:.4f}  {split}_loss {metrics[f'{split}_loss']:.4f}  "
+        f"on {metrics['images']} images{note}{' -> ' + str(out) if out else ''}",
+        highlight=False,
+    )
+    return metrics

@@ -49,6 +49,25 @@ class FitResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def default_run_name(spec: RecipeSpec) -> str:
+    return spec.train.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def fit_metrics(result: FitResult) -> dict[str, Any]:
+    """What a finished fit is summarised by (the same in local mode and on Ray)."""
+    return {
+        **result.test.as_metrics("test"),  # detection: test_map50, test_map, test_map_small, ...
+        "test_acc": result.test.accuracy,
+        "test_loss": result.test.loss,
+        "val_acc": result.val.accuracy,
+        "params": result.params,
+        "precision": result.runtime.precision,
+        "resumed_from_epoch": result.start_epoch,
+        "per_class_test_acc": result.test.per_class_accuracy,
+        "confusion": result.test.confusion.tolist() or None,  # None for detection
+    }
+
+
 def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -141,34 +160,8 @@ def fit(
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(spec, model)
-
-    micro = per_worker_batch(t.batch_size, world_size, t.grad_accum_steps)
-    detection = spec.model.task == "detection"  # boxes in, mAP out; the rest of the loop is shared
-    Loader = DetectionLoader if detection else TensorLoader  # noqa: N806
-    loader_args = dict(
-        mean=data.mean, std=data.std, device=runtime.device, channels_last=runtime.channels_last
-    )
-    augment = allowed_augment(spec.data.augment, data.hflip_ok)  # never flip digits
-    train_loader = Loader(
-        data.splits["train"],
-        micro,
-        shuffle=True,
-        augment=augment,
-        seed=t.seed,
-        rank=rank,
-        world_size=world_size,
-        drop_last=True,
-        **loader_args,
-    )
-    val_loader = Loader(data.splits["val"], 256, rank=rank, world_size=world_size, **loader_args)
-    test_loader = Loader(data.splits["test"], 256, rank=rank, world_size=world_size, **loader_args)
-
-    steps_per_epoch = max(1, len(train_loader) // t.grad_accum_steps)
-    total_steps = steps_per_epoch * t.epochs
-    warmup = int(t.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(t.schedule, s, total_steps, warmup)
-    )
+    loaders = build_loaders(spec, data, runtime, rank, world_size)
+    scheduler = build_lr_scheduler(spec, optimizer, len(loaders.train))
 
     start_epoch, history = 0, []
     if resume_from is not None:
@@ -183,36 +176,86 @@ def fit(
     val = None
     for epoch in range(start_epoch, t.epochs):
         metrics = train_one_epoch(
-            spec, train_model, train_loader, optimizer, scheduler, runtime, epoch, progress
+            spec, train_model, loaders.train, optimizer, scheduler, runtime, epoch, progress
         )
-        val = evaluate_model(model, val_loader, data.num_classes, runtime)
+        val = evaluate_model(model, loaders.val, data.num_classes, runtime)
         metrics.update(val.as_metrics("val"))
         metrics.update(epoch=epoch + 1, params=params, world_size=world_size, resumed_from=start_epoch)
         history.append(metrics)
-        is_ckpt = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
         if report is not None:
-            if is_ckpt:
-                with tempfile.TemporaryDirectory(prefix="scalelab-ckpt-") as tmp:
-                    if rank == 0:
-                        save_training_checkpoint(
-                            tmp,
-                            model,
-                            optimizer,
-                            scheduler,
-                            epoch + 1,
-                            history,
-                            bundle_meta(spec, data, runtime),
-                        )
-                    report(metrics, tmp if rank == 0 else None)
-            else:
-                report(metrics, None)
+            checkpoint = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
+            state = (
+                (model, optimizer, scheduler, history, bundle_meta(spec, data, runtime))
+                if checkpoint
+                else None
+            )
+            report_epoch(report, metrics, state, rank)
         if should_stop is not None and should_stop():
             break
 
     if val is None:  # resumed after the last epoch: nothing left to train
-        val = evaluate_model(model, val_loader, data.num_classes, runtime)
-    test = evaluate_model(model, test_loader, data.num_classes, runtime)
+        val = evaluate_model(model, loaders.val, data.num_classes, runtime)
+    test = evaluate_model(model, loaders.test, data.num_classes, runtime)
     return FitResult(model, history, test, val, runtime, params, start_epoch)
+
+
+@dataclass
+class Loaders:
+    train: TensorLoader
+    val: TensorLoader
+    test: TensorLoader
+
+
+def build_loaders(spec: RecipeSpec, data: Dataset, runtime: Runtime, rank: int, world_size: int) -> Loaders:
+    """Train (this rank's shard, augmented, shuffled), val and test loaders."""
+    t = spec.train
+    micro = per_worker_batch(t.batch_size, world_size, t.grad_accum_steps)
+    detection = spec.model.task == "detection"  # boxes in, mAP out; the rest of the loop is shared
+    Loader = DetectionLoader if detection else TensorLoader  # noqa: N806
+    loader_args = dict(
+        mean=data.mean, std=data.std, device=runtime.device, channels_last=runtime.channels_last
+    )
+    augment = allowed_augment(spec.data.augment, data.hflip_ok)  # never flip digits
+    train = Loader(
+        data.splits["train"],
+        micro,
+        shuffle=True,
+        augment=augment,
+        seed=t.seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=True,
+        **loader_args,
+    )
+    return Loaders(
+        train,
+        Loader(data.splits["val"], 256, rank=rank, world_size=world_size, **loader_args),
+        Loader(data.splits["test"], 256, rank=rank, world_size=world_size, **loader_args),
+    )
+
+
+def build_lr_scheduler(spec: RecipeSpec, optimizer: torch.optim.Optimizer, micro_batches: int):
+    """The recipe's LR schedule over optimiser steps (micro-batches / grad_accum_steps per epoch)."""
+    t = spec.train
+    steps_per_epoch = max(1, micro_batches // t.grad_accum_steps)
+    total_steps = steps_per_epoch * t.epochs
+    warmup = int(t.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(t.schedule, s, total_steps, warmup)
+    )
+
+
+def report_epoch(report: Report, metrics: dict[str, Any], state: tuple | None, rank: int) -> None:
+    """Report an epoch's metrics; with ``state`` (model, optimizer, scheduler, history, meta), also
+    a checkpoint, which rank 0 writes (every rank reports, as Ray Train requires)."""
+    if state is None:
+        report(metrics, None)
+        return
+    model, optimizer, scheduler, history, meta = state
+    with tempfile.TemporaryDirectory(prefix="scalelab-ckpt-") as tmp:
+        if rank == 0:
+            save_training_checkpoint(tmp, model, optimizer, scheduler, history[-1]["epoch"], history, meta)
+        report(metrics, tmp if rank == 0 else None)
 
 
 def train_one_epoch(

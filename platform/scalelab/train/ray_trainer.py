@@ -117,7 +117,7 @@ def build_torch_trainer(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from scalelab.train.api import default_run_name
+    from scalelab.train.loop import default_run_name
 
     t = spec.train
     settings = runtime_settings()
@@ -257,8 +257,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if rank != 0:
         return None
     from scalelab.artifacts.bundle import save_model_bundle
-    from scalelab.train.api import fit_metrics
-    from scalelab.train.loop import bundle_meta
+    from scalelab.train.loop import bundle_meta, fit_metrics
 
     with tempfile.TemporaryDirectory(prefix="scalelab-bundle-") as tmp:
         save_model_bundle(result.model, tmp, bundle_meta(spec, data, result.runtime))

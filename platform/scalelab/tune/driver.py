@@ -202,66 +202,19 @@ def _start_parent_run(spec: RecipeSpec, name: str, search_dir: Path) -> dict[str
 
 def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
     import ray.tune
-    from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, TuneConfig, Tuner
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from scalelab.tune.searchers import ScreenedSearcher, build_inner_searcher, grid_size
     from scalelab.tune.space import to_tune_space
     from scalelab.tune.tracking import TrialTracker
-    from scalelab.tune.trials import local_trial, worker_trial
 
     search = spec.search
     base = trial_base(spec, search_dir)
-    if search.trial_mode == "local":
-        trainable = tune.with_parameters(local_trial, base=base, space=search.space, dataset=data)
-        trainable = tune.with_resources(trainable, {"cpu": search.cpus_per_trial})
-    else:
-        _require_worker_mode()
-        trainable = tune.with_parameters(
-            worker_trial, base=base, space=search.space, data_version=data.version
-        )
-        # the driver function only waits on its TorchTrainer, whose workers reserve their own CPUs
-        trainable = tune.with_resources(trainable, {"cpu": 0.01})
+    trainable = _trainable(search, base, data)
     if resume:
         return Tuner.restore(
             str(search_dir / TUNE_DIR), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-
     epochs = max_epochs(spec)
-    screen = Screen(
-        base,
-        search.space,
-        data.channels,
-        data.num_classes,
-        data.image_size,
-        search.max_params,
-        search.max_flops,
-    )
-    searcher = ScreenedSearcher(
-        build_inner_searcher(search, points),
-        screen,
-        str(search_dir / "pruned.jsonl"),
-        search.max_concurrent_trials,
-        search.metric,
-        search.mode,
-    )
-    if points is not None:
-        num_samples = len(points)
-    elif search.algorithm == "grid":
-        num_samples = grid_size(search.space) * search.num_samples
-    else:
-        num_samples = search.num_samples
-    scheduler = (
-        ASHAScheduler(
-            time_attr="epoch",
-            max_t=epochs,
-            grace_period=min(search.grace_period, epochs),
-            reduction_factor=search.reduction_factor,
-        )
-        if search.scheduler == "asha"
-        else FIFOScheduler()
-    )
     tracker = TrialTracker(
         str(search_dir),
         name,
@@ -280,9 +233,9 @@ def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
         tune_config=TuneConfig(
             metric=search.metric,
             mode=search.mode,
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=num_samples,
+            search_alg=_screened_searcher(search, base, data, search_dir, points),
+            scheduler=_scheduler(search, epochs),
+            num_samples=_num_samples(search, points),
             max_concurrent_trials=search.max_concurrent_trials,
             trial_dirname_creator=trial_dirname,
         ),
@@ -294,6 +247,68 @@ def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
         ),
+    )
+
+
+def _trainable(search, base: dict[str, Any], data):
+    """What one trial runs: in the trial's own process (local), or a TorchTrainer (worker)."""
+    from ray import tune
+
+    from scalelab.tune.trials import local_trial, worker_trial
+
+    if search.trial_mode == "local":
+        trainable = tune.with_parameters(local_trial, base=base, space=search.space, dataset=data)
+        return tune.with_resources(trainable, {"cpu": search.cpus_per_trial})
+    _require_worker_mode()
+    trainable = tune.with_parameters(worker_trial, base=base, space=search.space, data_version=data.version)
+    # the driver function only waits on its TorchTrainer, whose workers reserve their own CPUs
+    return tune.with_resources(trainable, {"cpu": 0.01})
+
+
+def _screened_searcher(search, base: dict[str, Any], data, search_dir: Path, points):
+    """The search algorithm, behind a screen that prunes shapes over the params/FLOPs budget."""
+    from scalelab.tune.searchers import ScreenedSearcher, build_inner_searcher
+
+    screen = Screen(
+        base,
+        search.space,
+        data.channels,
+        data.num_classes,
+        data.image_size,
+        search.max_params,
+        search.max_flops,
+    )
+    return ScreenedSearcher(
+        build_inner_searcher(search, points),
+        screen,
+        str(search_dir / "pruned.jsonl"),
+        search.max_concurrent_trials,
+        search.metric,
+        search.mode,
+    )
+
+
+def _num_samples(search, points) -> int:
+    from scalelab.tune.searchers import grid_size
+
+    if points is not None:
+        return len(points)
+    if search.algorithm == "grid":
+        return grid_size(search.space) * search.num_samples
+    return search.num_samples
+
+
+def _scheduler(search, epochs: int):
+    """ASHA stops weak trials early at rungs of ``grace_period * reduction_factor**k`` epochs."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if search.scheduler != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=epochs,
+        grace_period=min(search.grace_period, epochs),
+        reduction_factor=search.reduction_factor,
     )
 
 

@@ -74,13 +74,18 @@ def plot_search(
     import matplotlib
 
     matplotlib.use("Agg")
+    ran = [r for r in rows if isinstance(r.get(metric), (int, float)) and r.get("params")]
+    if not ran:
+        return []
+    return [
+        _plot_accuracy_vs_params(ran, metric, out_dir / "accuracy_vs_params.png"),
+        _plot_parallel_coordinates(ran, space, metric, out_dir / "parallel_coordinates.png"),
+    ]
+
+
+def _plot_accuracy_vs_params(ran: list[dict[str, Any]], metric: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-
-    ran = [r for r in rows if isinstance(r.get(metric), (int, float)) and r.get("params")]
-    paths: list[Path] = []
-    if not ran:
-        return paths
 
     fig, ax = plt.subplots(figsize=(6, 4))
     scales = sorted({r.get("model.scales", r.get("scales")) for r in ran}, key=str)
@@ -105,15 +110,18 @@ def plot_search(
     ax.set_title("accuracy vs parameters (x: stopped early by ASHA)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    paths.append(out_dir / "accuracy_vs_params.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
-    axes = [*space, metric]
+
+def _axis_scales(
+    ran: list[dict[str, Any]], space: dict[str, ParamSpace], metric: str
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Per axis (each searched key, then the metric): value -> position in [0, 1], and end labels."""
     positions: dict[str, Any] = {}
     labels: dict[str, list[str]] = {}
-    for key in space:
-        dim = space[key]
+    for key, dim in space.items():
         if dim.choice is not None:
             shown = [json.dumps(v) for v in dim.choice]
             labels[key] = shown
@@ -129,7 +137,16 @@ def plot_search(
     lo_m, hi_m = min(values), max(values)
     positions[metric] = lambda v: (v - lo_m) / (hi_m - lo_m) if hi_m > lo_m else 0.5
     labels[metric] = [f"{lo_m:.3f}", f"{hi_m:.3f}"]
+    return positions, labels
 
+
+def _plot_parallel_coordinates(
+    ran: list[dict[str, Any]], space: dict[str, ParamSpace], metric: str, path: Path
+) -> Path:
+    import matplotlib.pyplot as plt
+
+    axes = [*space, metric]
+    positions, labels = _axis_scales(ran, space, metric)
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(axes)), 4))
     cm = plt.get_cmap("plasma")
     for r in sorted(ran, key=lambda r: r[metric]):
@@ -153,10 +170,9 @@ def plot_search(
     ax.set_ylim(-0.15, 1.12)
     ax.set_title(f"search, coloured by {metric} (dotted: stopped early)", fontsize=9)
     fig.tight_layout()
-    paths.append(out_dir / "parallel_coordinates.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path
 
 
 # Columns a narrow terminal loses first (rank, status and the metric always stay).

@@ -9,6 +9,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from scalelab.cluster.session import pid_alive
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -53,22 +55,18 @@ def running_stacks(folders: list[Path] | None = None) -> list[tuple[Path, list[s
             services = json.loads(stack_file.read_text()).get("services", [])
         except (OSError, ValueError):
             continue
-        live = [f"{s['name']} (pid {s['pid']})" for s in services if _alive(int(s.get("pid", 0)))]
+        live = [f"{s['name']} (pid {s['pid']})" for s in services if _live(s.get("pid"))]
         if live:
             found.append((stack_file, live))
     return found
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def _live(pid: object) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        pid = int(pid)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return pid > 0 and pid_alive(pid)  # pid 0 would be our own process group
 
 
 def refuse_while_stack_runs(folders: list[Path] | None = None) -> None:

@@ -381,37 +381,42 @@ def test_fuzz_never_a_server_error(served):
     assert httpx.get(f"{served.url}/readyz").status_code == 200
 
 
+def _cdp_helpers(ws):
+    """call(method, **params), js(expr) and wait_for(expr) over one Chrome DevTools websocket."""
+    counter = 0
+
+    async def call(method: str, **params):
+        nonlocal counter
+        counter += 1
+        my_id = counter
+        await ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg.get("id") == my_id:
+                if "error" in msg:
+                    raise AssertionError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    async def js(expr: str):
+        return (await call("Runtime.evaluate", expression=expr, returnByValue=True))["result"].get("value")
+
+    async def wait_for(expr: str, timeout: float = 30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = await js(expr)
+            if value:
+                return value
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {expr}")
+
+    return call, js, wait_for
+
+
 async def _cdp_demo(ws_url: str, page_url: str, image_path: str, key: str) -> dict:
     import websockets
 
     async with websockets.connect(ws_url, max_size=None) as ws:
-        counter = 0
-
-        async def call(method: str, **params):
-            nonlocal counter
-            counter += 1
-            my_id = counter
-            await ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
-            while True:
-                msg = json.loads(await ws.recv())
-                if msg.get("id") == my_id:
-                    if "error" in msg:
-                        raise AssertionError(f"{method}: {msg['error']}")
-                    return msg.get("result", {})
-
-        async def js(expr: str):
-            return (await call("Runtime.evaluate", expression=expr, returnByValue=True))["result"].get(
-                "value"
-            )
-
-        async def wait_for(expr: str, timeout: float = 30.0):
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                value = await js(expr)
-                if value:
-                    return value
-                await asyncio.sleep(0.2)
-            raise AssertionError(f"timed out waiting for {expr}")
+        call, js, wait_for = _cdp_helpers(ws)
 
         await call("Page.enable")
         await call("Page.navigate", url=page_url)
@@ -483,33 +488,7 @@ async def _cdp_draw_samples_lineage(ws_url: str, page_url: str) -> dict:
     import websockets
 
     async with websockets.connect(ws_url, max_size=None) as ws:
-        counter = 0
-
-        async def call(method: str, **params):
-            nonlocal counter
-            counter += 1
-            my_id = counter
-            await ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
-            while True:
-                msg = json.loads(await ws.recv())
-                if msg.get("id") == my_id:
-                    if "error" in msg:
-                        raise AssertionError(f"{method}: {msg['error']}")
-                    return msg.get("result", {})
-
-        async def js(expr: str):
-            return (await call("Runtime.evaluate", expression=expr, returnByValue=True))["result"].get(
-                "value"
-            )
-
-        async def wait_for(expr: str, timeout: float = 30.0):
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                value = await js(expr)
-                if value:
-                    return value
-                await asyncio.sleep(0.2)
-            raise AssertionError(f"timed out waiting for {expr}")
+        call, js, wait_for = _cdp_helpers(ws)
 
         top1 = (
             "(() => { const t = document.getElementById('top1').textContent; "

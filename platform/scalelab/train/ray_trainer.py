@@ -189,7 +189,6 @@ def quiet_train_report_log() -> None:
 def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Body of every Ray Train worker: ``fit`` with Ray's checkpoint in and ``ray.train.report`` out."""
     import ray.train
-    import torch
 
     quiet_train_report_log()
     quiet_third_party_logs()
@@ -216,6 +215,32 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     fault = config.get("fault")
     timing: dict[str, Any] = {"submitted": config["submitted_at"], "worker_started": started, "reports": []}
 
+    report = _epoch_reporter(rank, timing, epoch_logger)
+    if fault is not None and rank == fault["rank"]:
+        report = _exit_after_epoch(report, rank, fault)
+
+    with tempfile.TemporaryDirectory(prefix="scalelab-resume-") as tmp:
+        resume_from = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            resume_from = checkpoint.to_directory(tmp)  # a local copy, also when storage is S3
+        timing["data_loaded"] = time.time()
+        # progress within an epoch: rank 0 only (a worker's stdout is no terminal: plain lines)
+        progress = progress_for(rank) if config.get("progress") else None
+        result = fit(spec, data, report=report, resume_from=resume_from, device=device, progress=progress)
+    node_ids = _gather_node_ids()
+    if epoch_logger is not None:
+        epoch_logger.close()
+    if rank != 0:
+        return None
+    return _rank0_result(spec, data, result, node_ids, timing)
+
+
+def _epoch_reporter(rank: int, timing: dict[str, Any], epoch_logger: Any):
+    """The ``report`` callback ``fit`` calls every epoch: one console line and the MLflow epoch
+    metrics on rank 0, ``ray.train.report`` (metrics + checkpoint) on every rank."""
+    import ray.train
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         epoch = int(metrics["epoch"])
         timing["reports"].append(time.time())
@@ -239,23 +264,13 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             checkpoint_dir_name=f"checkpoint_{epoch:04d}" if checkpoint else None,
         )
 
-    if fault is not None and rank == fault["rank"]:
-        report = _exit_after_epoch(report, rank, fault)
+    return report
 
-    with tempfile.TemporaryDirectory(prefix="scalelab-resume-") as tmp:
-        resume_from = None
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            resume_from = checkpoint.to_directory(tmp)  # a local copy, also when storage is S3
-        timing["data_loaded"] = time.time()
-        # progress within an epoch: rank 0 only (a worker's stdout is no terminal: plain lines)
-        progress = progress_for(rank) if config.get("progress") else None
-        result = fit(spec, data, report=report, resume_from=resume_from, device=device, progress=progress)
-    node_ids = _gather_node_ids()
-    if epoch_logger is not None:
-        epoch_logger.close()
-    if rank != 0:
-        return None
+
+def _rank0_result(spec: RecipeSpec, data: Any, result: Any, node_ids: list[str], timing: dict[str, Any]):
+    """What rank 0 returns to the driver: metrics, history, the model bundle's files and timings."""
+    import torch
+
     from scalelab.artifacts.bundle import save_model_bundle
     from scalelab.train.loop import bundle_meta, fit_metrics
 

@@ -105,6 +105,7 @@ def test_two_workers_checkpoint_to_s3_and_log_everything(
     assert {a.path for a in client.list_artifacts(out.run_id, "bundle")} == {
         "bundle/model.json",
         "bundle/model.safetensors",
+        "bundle/samples.json",  # held-out samples with true labels, for the demo page
     }
 
     # the scalelab bundle round-trips through MLflow (what the registry and serving load)

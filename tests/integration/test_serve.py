@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -381,6 +382,32 @@ def test_fuzz_never_a_server_error(served):
     assert httpx.get(f"{served.url}/readyz").status_code == 200
 
 
+@contextlib.contextmanager
+def _chromium_page(chromium: list[str]):
+    """A headless Chromium with remote debugging on a free port; yields its page's websocket URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*chromium, f"--remote-debugging-port={port}", "--remote-allow-origins=*", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                page = next(t for t in targets if t.get("type") == "page")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                assert time.time() < deadline, "chromium did not start"
+                time.sleep(0.3)
+        yield page["webSocketDebuggerUrl"]
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=20)
+
+
 def _cdp_helpers(ws):
     """call(method, **params), js(expr) and wait_for(expr) over one Chrome DevTools websocket."""
     counter = 0
@@ -452,32 +479,8 @@ def test_demo_page_in_headless_chromium(served, tmp_path, headless_chromium):
         json={"images": [b64(image.read_bytes())]},
         headers={"Authorization": f"Bearer {key}"},
     ).json()["predictions"][0][0]["class"]
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            *chromium,
-            f"--remote-debugging-port={port}",
-            "--remote-allow-origins=*",
-            "about:blank",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
-                page = next(t for t in targets if t.get("type") == "page")
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                assert time.time() < deadline, "chromium did not start"
-                time.sleep(0.3)
-        result = asyncio.run(_cdp_demo(page["webSocketDebuggerUrl"], f"{served.url}/", str(image), key))
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=20)
+    with _chromium_page(chromium) as ws_url:
+        result = asyncio.run(_cdp_demo(ws_url, f"{served.url}/", str(image), key))
         deploy(served)
     assert "API key required" in result["asked"]
     assert result["top1"] == expected and result["bars"] == 5
@@ -549,27 +552,8 @@ def test_demo_page_draw_samples_and_lineage(served, tmp_path, headless_chromium)
     chromium = headless_chromium(tempfile.mkdtemp(dir=tmp_path))
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [*chromium, f"--remote-debugging-port={port}", "--remote-allow-origins=*", "about:blank"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
-                page = next(t for t in targets if t.get("type") == "page")
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                assert time.time() < deadline, "chromium did not start"
-                time.sleep(0.3)
-        result = asyncio.run(_cdp_draw_samples_lineage(page["webSocketDebuggerUrl"], f"{served.url}/"))
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=20)
+    with _chromium_page(chromium) as ws_url:
+        result = asyncio.run(_cdp_draw_samples_lineage(ws_url, f"{served.url}/"))
     # the drawing goes the upload path: the server scales the very PNG the page sent
     raw = base64.b64decode(result["drawing_png"].split(",", 1)[1])
     direct = httpx.post(

@@ -28,15 +28,16 @@ lock:
 lock-check:
 	VENV=$(VENV) tools/deps.sh lock-check
 
-# Debian packages: the Fashion-MNIST dataset (benchmarks) and Chromium (browser tests).
+# Debian packages: the Fashion-MNIST dataset (benchmarks), Chromium (browser tests) and the compiled
+# HTTP load generators hey and wrk (serving benchmark and load tests).
 # Best effort: skipped where apt is unavailable; nothing in `make test` requires the dataset.
 system-deps:
-	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null; then :; \
+	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null && command -v hey >/dev/null && command -v wrk >/dev/null; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  echo "installing Debian packages: dataset-fashion-mnist chromium"; \
-	  (apt-get install -y -qq dataset-fashion-mnist chromium >/dev/null 2>&1 || \
-	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist chromium >/dev/null 2>&1)) \
-	   || echo "warning: apt could not install dataset-fashion-mnist/chromium; benchmarks and browser tests need them"; \
+	  echo "installing Debian packages: dataset-fashion-mnist chromium hey wrk"; \
+	  (apt-get install -y -qq dataset-fashion-mnist chromium hey wrk >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist chromium hey wrk >/dev/null 2>&1)) \
+	   || echo "warning: apt could not install dataset-fashion-mnist/chromium/hey/wrk; benchmarks and browser tests need them"; \
 	else echo "note: install Debian packages dataset-fashion-mnist and chromium for benchmarks and browser tests"; fi
 
 # The whole pipeline on the embedded default: DVC data, Tune search, training, registry, promotion,

@@ -78,6 +78,8 @@ def parse_model_ref(target: str) -> ModelRef:
     path = Path(target)
     if (path / MODEL_META).is_file() and (path / WEIGHTS).is_file():
         return ModelRef(name=path.resolve().name, bundle=path.resolve())
+    if path.is_dir():
+        raise ConfigError(f"{target} is a folder but not a model bundle (no {MODEL_META} + {WEIGHTS} in it)")
     if "@" in target:
         name, _, alias = target.partition("@")
         if name and alias:
@@ -85,11 +87,7 @@ def parse_model_ref(target: str) -> ModelRef:
     else:
         sep = ":" if ":" in target else "/"
         name, _, version = target.partition(sep)
-        if not version and name:
-            if path.is_dir():
-                raise ConfigError(
-                    f"{target} is a folder but not a model bundle (no {MODEL_META} + {WEIGHTS} in it)"
-                )
+        if not version and name and sep not in target:
             return ModelRef(name, alias="champion")
         if name and version.isdigit():
             return ModelRef(name, version=version)

@@ -64,6 +64,8 @@ class PredictSummary:
     bad_files: list[dict[str, str]] = field(default_factory=list)  # {file, error}, all of them
     seconds: float = 0.0  # from starting the pool to the last row written
     images_per_s: float = 0.0
+    startup_s: float = 0.0  # until the first rows came back (replicas starting, first batch)
+    steady_images_per_s: float = 0.0  # after the first rows: the pool's pace once running
     accuracy: float | None = None  # when every predicted image has a label the model knows
     labelled: int = 0
     plan: dict[str, int] = field(default_factory=dict)
@@ -78,7 +80,7 @@ def parse_model_ref(target: str) -> ModelRef:
     path = Path(target)
     if (path / MODEL_META).is_file() and (path / WEIGHTS).is_file():
         return ModelRef(name=path.resolve().name, bundle=path.resolve())
-    if path.is_dir():
+    if "/" in target and path.is_dir():  # a path, not NAME/version
         raise ConfigError(f"{target} is a folder but not a model bundle (no {MODEL_META} + {WEIGHTS} in it)")
     if "@" in target:
         name, _, alias = target.partition("@")
@@ -183,6 +185,7 @@ def run_prediction(
     progress: Progress | None = None,
 ) -> PredictSummary:
     """Score every image of ``source`` with the bundle on an actor pool; write ``out`` (Parquet)."""
+    import ray
     import ray.data
 
     if on_bad_file not in ("skip", "fail"):
@@ -205,7 +208,8 @@ def run_prediction(
         num_cpus=plan.threads,
         num_gpus=plan.gpus_per_replica,
         fn_constructor_kwargs={
-            "bundle_files": bundle_files(bundle),
+            # by reference: large constructor arguments would be copied into every actor's spec
+            "bundle_files": ray.put(bundle_files(bundle)),
             "info": info,
             "top_k": top_k,
             "threads": plan.threads,
@@ -216,8 +220,9 @@ def run_prediction(
     writer = ParquetOutput(out, info, source, meta)
     progress = progress or Progress(len(source))
     bad: list[dict[str, str]] = []
-    correct = labelled = done = 0
+    correct = labelled = done = first_rows = 0
     began = time.perf_counter()
+    first_at = began
     try:
         for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
             ok = np.array([not e for e in batch["error"]], dtype=bool)
@@ -234,6 +239,8 @@ def run_prediction(
             labelled += int((label_index >= 0).sum())
             correct += int((rows["top_index"][:, 0] == label_index)[label_index >= 0].sum())
             writer.write(rows, label_index, classes)
+            if not done:
+                first_at, first_rows = time.perf_counter(), len(ok)
             done += len(ok)
             progress.advance(len(ok))
         seconds = time.perf_counter() - began
@@ -259,6 +266,8 @@ def run_prediction(
         bad_files=bad,
         seconds=seconds,
         images_per_s=images / max(seconds, 1e-9),
+        startup_s=first_at - began,
+        steady_images_per_s=(done - first_rows) / max(began + seconds - first_at, 1e-9),
         accuracy=correct / labelled if labelled and labelled == images else None,
         labelled=labelled,
         plan=asdict(plan),

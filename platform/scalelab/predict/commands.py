@@ -88,7 +88,7 @@ def predict_command(
 ) -> PredictSummary:
     """Score an image folder, an S3 prefix or a dataset version with a model on Ray Data, into Parquet."""
     source = _as_path_if_local(source)
-    model = _as_path_if_local(model)
+    model = str(absolute(model)) if (Path(model) / "model.json").is_file() else model
     out = out if out.startswith("s3://") else str(absolute(out))
     recipe = source if source.endswith((".yaml", ".yml")) else None
     with in_project(recipe):

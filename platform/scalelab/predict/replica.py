@@ -1,7 +1,7 @@
 """One model replica of the Ray Data actor pool: reads, decodes and scores one batch at a time.
 
-The driver fetched (and checksum-verified) the bundle once; its files travel to every actor in
-the constructor arguments, so replicas on other nodes never talk to MLflow. Images are decoded
+The driver fetched (and checksum-verified) the bundle once and put its files in Ray's object
+store; every actor reads them from there, so replicas on other nodes never talk to MLflow. Images are decoded
 by ``artifacts.preprocess.decode_image_bytes``, exactly as a Serve replica decodes a request, and
 scored by ``Predictor.predict_proba`` in the bundle's precision. A file that cannot be read or
 decoded becomes a row with ``error`` set, never an exception: one bad image must not stop a run
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 from scalelab.artifacts.predictor import Predictor
@@ -30,7 +31,7 @@ class PredictReplica:
 
     def __init__(
         self,
-        bundle_files: dict[str, bytes],
+        bundle_files: dict[str, bytes] | ray.ObjectRef,
         info: dict[str, Any],
         top_k: int,
         threads: int,
@@ -38,6 +39,8 @@ class PredictReplica:
         s3: S3Location | None = None,
     ) -> None:
         torch.set_num_threads(max(1, threads))
+        if isinstance(bundle_files, ray.ObjectRef):  # put once by the driver, shared by every replica
+            bundle_files = ray.get(bundle_files)
         with tempfile.TemporaryDirectory(prefix="scalelab-predict-") as tmp:
             for name, data in bundle_files.items():
                 (Path(tmp) / name).write_bytes(data)

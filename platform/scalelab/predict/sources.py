@@ -19,7 +19,7 @@ Every failure here (no such folder, no images, unreachable endpoint, missing buc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ class S3Location:
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
+    # the driver's credentials, frozen, so replicas on any node read with them (as Ray Train's
+    # storage filesystem carries them); None: each process's own environment / profile
+    credentials: tuple[str, str, str | None] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -54,13 +57,26 @@ class S3Location:
     def where(self) -> str:
         return f"{self.url} (endpoint {self.endpoint_url or 'AWS default'})"
 
+    def with_driver_credentials(self) -> S3Location:
+        import boto3
+
+        session = boto3.Session(profile_name=self.profile) if self.profile else boto3.Session()
+        found = session.get_credentials()
+        if found is None:
+            return self
+        frozen = found.get_frozen_credentials()
+        return replace(self, credentials=(frozen.access_key, frozen.secret_key, frozen.token))
+
     def client(self, timeout: float = 10.0, attempts: int = 2):
         import boto3
         from botocore.config import Config as BotoConfig
 
         session = boto3.Session(profile_name=self.profile) if self.profile else boto3.Session()
+        names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+        keys = dict(zip(names, self.credentials, strict=True)) if self.credentials else {}
         return session.client(
             "s3",
+            **keys,
             endpoint_url=self.endpoint_url,
             region_name=self.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
             config=BotoConfig(
@@ -241,7 +257,7 @@ def list_s3(loc: S3Location) -> Source:
         files=names,
         locations=[loc.prefix + n for n in names],
         labels=label_layout(names),
-        s3=loc,
+        s3=loc.with_driver_credentials(),
     )
 
 

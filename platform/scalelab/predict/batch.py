@@ -200,7 +200,9 @@ def run_prediction(
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Starting execution of ..." per run
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
-    predictions = ray_dataset(source, blocks=4 * plan.replicas).map_batches(
+    # a block per batch: the progress bar moves batch by batch and every replica gets work
+    blocks = max(plan.replicas, -(-len(source) // plan.batch_size))
+    predictions = ray_dataset(source, blocks).map_batches(
         PredictReplica,
         batch_size=plan.batch_size,
         batch_format="numpy",

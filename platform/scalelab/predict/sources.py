@@ -3,7 +3,7 @@
 SOURCE is one of:
 
 - an image folder: ImageFolder layout (``root/<class>/*.png``: the folder names are the labels)
-  or a flat folder (no labels); ``.png .jpg .jpeg .bmp`` files, any depth;
+  or a flat folder (no labels); ``.png .jpg .jpeg .bmp .webp`` files, any depth;
 - ``s3://bucket/prefix``: the same layouts under an S3 prefix, on the project's S3 endpoint
   (``--endpoint-url``, ``$AWS_ENDPOINT_URL[_S3]``, the project's DVC remote on that bucket, or the
   ``scalelab up`` stack's S3) with the AWS credentials of the environment or profile, as
@@ -33,7 +33,7 @@ from scalelab.data.remote import remote_settings
 from scalelab.data.versioning import find_dvc_root, load_data_version, resolve_data_version
 from scalelab.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")  # what artifacts.preprocess decodes
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # what artifacts.preprocess decodes
 
 
 @dataclass(frozen=True)

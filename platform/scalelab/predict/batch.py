@@ -189,7 +189,7 @@ def run_prediction(
     import ray.data
 
     if on_bad_file not in ("skip", "fail"):
-        raise ConfigError(f"--on-bad-file {on_bad_file!r}: use skip or fail")
+        raise ConfigError(f"on_bad_file {on_bad_file!r}: use skip or fail")
     meta = read_bundle_meta(bundle)
     classes = list(meta["dataset"]["classes"])
     task = ((meta.get("recipe") or {}).get("model") or {}).get("task", "classification")

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from scalelab.config.project import absolute, in_project, shown
+from scalelab.errors import ConfigError
 from scalelab.predict.batch import BAD_FILES_SHOWN, PredictSummary, predict
 from scalelab.predict.sources import resolve_source
 
@@ -87,6 +88,8 @@ def predict_command(
     quiet: bool = False,
 ) -> PredictSummary:
     """Score an image folder, an S3 prefix or a dataset version with a model on Ray Data, into Parquet."""
+    if on_bad_file not in ("skip", "fail"):
+        raise ConfigError(f"--on-bad-file {on_bad_file!r}: use skip (count and report) or fail (stop)")
     source = _as_path_if_local(source)
     model = str(absolute(model)) if (Path(model) / "model.json").is_file() else model
     out = out if out.startswith("s3://") else str(absolute(out))

@@ -173,3 +173,11 @@ def test_parquet_output_is_all_or_nothing(tmp_path: Path):
     failed.write(rows, np.array([0, -1]), CLASSES)
     failed.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.parquet"]  # no temp file left
+
+
+def test_a_bad_option_fails_before_anything_starts(tmp_path: Path, monkeypatch):
+    from scalelab.predict.commands import predict_command
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--on-bad-file 'maybe': use skip"):
+        predict_command("digits", "nowhere", on_bad_file="maybe", quiet=True)

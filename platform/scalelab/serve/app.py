@@ -194,9 +194,18 @@ async def _bad_input(_: Request, exc: BadInput) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
+ROUTES = (
+    "POST /v1/predict, POST /v1/predict/file, GET /v1/model, /v1/samples, /healthz, /readyz, / (demo page); "
+    "the API is described at /openapi.json"
+)
+
+
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = str(exc.detail)
+    if exc.status_code in (404, 405):  # say what exists instead
+        message = f"{message}: {request.method} {request.url.path}; this server answers {ROUTES}"
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 
 @api.exception_handler(RequestValidationError)

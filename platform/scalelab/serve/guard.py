@@ -117,6 +117,10 @@ class HeaderGuard:
         if kind not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         problem = header_problem(scope.get("headers") or [])
+        if not problem and not str(scope.get("path", "/")).startswith("/"):
+            problem = (
+                f"request target {scope.get('path', '')[:40]!r} is not a path: send e.g. POST /v1/predict"
+            )
         if kind == "websocket":
             return await refuse_websocket(
                 scope, receive, send, f"{problem}" if problem else WEBSOCKET_REFUSED

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import random
 import socket
 import struct
@@ -78,10 +77,10 @@ def bomb_png(w: int, h: int) -> bytes:
 @pytest.fixture(scope="module")
 def app_url(ray_session, digits_bundles):
     """The `good` digits bundle served straight from its folder (no registry needed here)."""
+    from PIL import Image
     from ray import serve
 
-    from scalelab.artifacts.bundle import read_bundle_meta
-    from scalelab.registry.gate import load_test_split
+    from scalelab.data.samples import read_samples
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -93,13 +92,10 @@ def app_url(ray_session, digits_bundles):
         name=APP,
         route_prefix="/",
     )
-    old = os.getcwd()
-    try:
-        os.chdir(bundle.parent)  # load_test_split prepares the held-out data beside the bundle
-        x, y, _ = load_test_split(read_bundle_meta(bundle))
-    finally:
-        os.chdir(old)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, x=x[:16], y=y[:16])
+    samples = read_samples(bundle)[:16]  # held-out test digits kept in the bundle, with labels
+    x = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(s["png"]))))[..., None] for s in samples])
+    y = np.array([int(s["label"]) for s in samples])
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, x=x, y=y)  # x: (16, 8, 8, 1) uint8
     serve.delete(APP)
     serve.shutdown()
 

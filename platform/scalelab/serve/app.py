@@ -84,7 +84,7 @@ class ErrorResponse(BaseModel):
     error: str = Field(..., description="What was wrong and what to do.")
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 
 api = FastAPI(
     title="scalelab model server",
@@ -579,7 +579,7 @@ class ModelServer:
                 or type(exc).__name__
             )
             raise BadInput(
-                422 if "exceeded" not in str(detail) else 413,
+                413 if "too many" in str(detail).lower() else 422,
                 f"malformed multipart body ({detail}); send image files as form fields named files "
                 "(curl -F files=@a.png -F files=@b.png)",
             ) from None

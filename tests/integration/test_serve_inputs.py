@@ -356,8 +356,10 @@ def _fuzz_requests(x: np.ndarray, n: int, seed: int = 0) -> list[tuple[bytes, bo
                 raw = json.dumps(
                     {"images": [[[rng.choice([0, 255, -1, 300, 1.5]) for _ in range(3)]] * 3]}
                 ).encode()
-            elif choice < 0.65:
+            elif choice < 0.6:
                 raw = b"[" * rng.choice([10, 5000, 100_000]) + b"]" * rng.choice([0, 10])
+            elif choice < 0.65:  # integers past float range, and past Python's 4300-digit limit
+                raw = b'{"images": [[[' + b"9" * rng.choice([400, 5000]) + b", 1], [1, 1]]]}"
             elif choice < 0.75:
                 raw = json.dumps({"images": [b64(good)]}).encode(rng.choice(["utf-16", "utf-32", "latin-1"]))
             elif choice < 0.85:

@@ -128,6 +128,14 @@ def test_base64_errors_say_why_and_what_to_send():
     assert "invalid base64 (" in err.value.message
 
 
+def test_pixel_arrays_with_numbers_past_float_range_are_422():
+    from scalelab.artifacts.preprocess import decode_array
+
+    with pytest.raises(BadInput) as err:
+        decode_array([[10**400, 1], [1, 1]], SPEC1, 10_000)
+    assert err.value.status == 422 and "[0, 255]" in err.value.message
+
+
 def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr)

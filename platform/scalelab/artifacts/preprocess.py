@@ -233,7 +233,12 @@ def decode_array(value: Any, spec: InputSpec, max_pixels: int, where: str = "ima
         raise BadInput(422, f"{where}: array shape {shape} is not (H, W) or (H, W, C) with C in 1, 3, 4")
     if shape[0] * shape[1] > max_pixels:
         raise BadInput(413, f"{where}: {shape[0]}x{shape[1]} pixels exceeds the limit of {max_pixels:,}")
-    arr = np.asarray(value, dtype=np.float64)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (OverflowError, ValueError):  # an integer past float range: 10**400
+        raise BadInput(
+            422, f"{where}: pixel values must be numbers in [0, 255]; got one out of range"
+        ) from None
     if not np.isfinite(arr).all():
         raise BadInput(422, f"{where}: array holds NaN or infinite values")
     if arr.min() < 0 or arr.max() > 255:

@@ -555,6 +555,8 @@ class ModelServer:
             ) from None
         except RecursionError:
             raise BadInput(422, f"JSON nested too deeply: {JSON_HINT}") from None
+        except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+            raise BadInput(422, f"body is not usable JSON ({exc}): {JSON_HINT}") from None
         try:
             req = PredictRequest.model_validate(obj)
         except ValidationError as exc:

@@ -508,7 +508,7 @@ def test_fuzz_1000_requests_never_a_server_error(app_url):
     assert not server_errors, server_errors[:5]
     silent = [req[2] for req, s in zip(requests, statuses, strict=True) if s == 0 and not req[1]]
     assert len(silent) <= 5, silent[:10]  # only where the client stops mid-request
-    assert sum(200 <= s < 300 for s in statuses) >= 50 and sum(400 <= s < 500 for s in statuses) >= 300
+    assert sum(200 <= s < 300 for s in statuses) >= 40 and sum(400 <= s < 500 for s in statuses) >= 300
     assert elapsed < 120, elapsed
     r = httpx.post(
         f"{app_url.url}/v1/predict", content=npy(app_url.x[:2]), headers={"content-type": "application/x-npy"}

@@ -80,6 +80,7 @@ class DataVersion:
     remote: str | None = None  # URL of the DVC remote the data is pushed to
     path: str | None = None  # prepared folder, relative to the DVC repository root
     repo: str | None = None  # DVC repository (local root or git URL) to read ``rev`` from
+    format: str | None = None  # how training reads it: "memory" (arrays) or "stream" (shards)
 
     @property
     def status(self) -> str:
@@ -95,6 +96,7 @@ class DataVersion:
             "data.rev": self.rev or "",
             "data.remote": self.remote or "",
             "data.path": self.path or "",
+            **({"data.format": self.format} if self.format else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -241,7 +242,13 @@ class _StreamLoaderBase:
             with open(self.sample_log, "a") as f:
                 f.write(
                     json.dumps(
-                        {"rank": self.rank, "epoch": self.epoch, "start": position, "ids": ids.tolist()}
+                        {
+                            "pid": os.getpid(),
+                            "rank": self.rank,
+                            "epoch": self.epoch,
+                            "start": position,
+                            "ids": ids.tolist(),
+                        }
                     )
                     + "\n"
                 )

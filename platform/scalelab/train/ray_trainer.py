@@ -147,6 +147,7 @@ def build_torch_trainer(
         "tracking": tracking.to_dict() if tracking is not None else None,
         "fault": parse_fault(settings.fault_inject),
         "stream_source": stream_source_config(spec, data_version),
+        "sample_log": settings.sample_log,
         "submitted_at": time.time(),
         "progress": progress,
     }
@@ -229,6 +230,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if spec.train.threads is None:  # never more torch threads than the CPUs Ray reserved for us
         spec.train.threads = max(1, int(spec.train.cpus_per_worker))
     rank = ray.train.get_context().get_world_rank()
+    if config.get("sample_log"):  # testing only: the driver's setting, for this worker's loaders
+        os.environ["SCALELAB_SAMPLE_LOG"] = config["sample_log"]
     data = _load_worker_data(config, spec)
     device = None
     if spec.train.use_gpu:

@@ -74,7 +74,12 @@ def _list_s3(spec: DataSpec) -> SourceFiles:
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True))
     except FileNotFoundError as exc:
-        raise DataError(f"{where} does not exist (no such bucket or prefix)") from exc
+        bucket = prefix.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+            raise DataError(f"{where}: bucket {bucket!r} does not exist") from exc
+        raise DataError(
+            f"{where} is empty (no objects under it); upload root/<class>/<image> objects or fix data.source"
+        ) from exc
     except OSError as exc:
         raise DataError(f"cannot list {where}: {exc}. Check the endpoint, bucket and credentials") from exc
     by_class: dict[str, list[str]] = {}

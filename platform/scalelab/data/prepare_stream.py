@@ -81,6 +81,8 @@ def _list_s3(spec: DataSpec) -> SourceFiles:
             f"{where} is empty (no objects under it); upload root/<class>/<image> objects or fix data.source"
         ) from exc
     except OSError as exc:
+        if "NO_SUCH_BUCKET" in str(exc):
+            raise DataError(f"{where}: bucket {prefix.split('/', 1)[0]!r} does not exist") from exc
         raise DataError(f"cannot list {where}: {exc}. Check the endpoint, bucket and credentials") from exc
     by_class: dict[str, list[str]] = {}
     for info in infos:

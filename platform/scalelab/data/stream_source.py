@@ -62,12 +62,14 @@ def remote_shards_config(version: DataVersion, endpoint_url: str | None = None) 
         for shard in shards:
             if shard["file"] not in urls:
                 raise DataError(f"shard {shard['file']} is not in the DVC manifest of {version.content_hash}")
-    return {"endpoint": endpoint, "remote": version.remote, "urls": urls, "meta": meta}
+    # the filesystem object carries the driver's endpoint and credentials to workers and Ray Data
+    # tasks (as Ray Train's storage_filesystem does): they need no AWS variables of their own
+    return {"endpoint": endpoint, "filesystem": fs, "remote": version.remote, "urls": urls, "meta": meta}
 
 
 def open_remote_shards(config: dict[str, Any], check_sizes: bool = True) -> StreamDataset:
     """The :class:`StreamDataset` whose shards are the remote's objects named in ``config``."""
-    fs, _ = s3_filesystem(config["endpoint"])
+    fs = config.get("filesystem") or s3_filesystem(config["endpoint"])[0]
     source = ShardSource(config["remote"], fs, dict(config["urls"]))
     if check_sizes:
         for shards in config["meta"]["shards"].values():

@@ -135,7 +135,7 @@ def test_two_workers_stream_from_the_s3_remote_and_resume_mid_epoch_exactly_once
     log = tmp_path / "samples.jsonl"
     monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(log))
     monkeypatch.setenv("SCALELAB_FAULT_INJECT", f"rank=1,epoch=1,step=10,marker={tmp_path / 'killed'}")
-    epochs = ["train.epochs=3", "train.run_name=streamed"]
+    epochs = ["train.epochs=2", "train.run_name=streamed"]
     spec = load_recipe(
         "pipelines/digits.yaml",
         FAST
@@ -145,7 +145,7 @@ def test_two_workers_stream_from_the_s3_remote_and_resume_mid_epoch_exactly_once
     )
     out = run_training(spec)
     assert (tmp_path / "killed").exists()  # rank 1 really died mid-epoch 2
-    assert [h["epoch"] for h in out.history] == [1, 2, 3]
+    assert [h["epoch"] for h in out.history] == [1, 2]
     resumed_at = out.history[1]["resumed_at_sample"]
     assert resumed_at in (160, 320)  # step 10 (or 5, if Ray missed the last checkpoint) x 32 samples
 

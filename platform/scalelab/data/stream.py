@@ -304,12 +304,9 @@ class RayDataLoader(_StreamLoaderBase):
             for i, w in enumerate(plan.windows)
         ]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        # tasks, not an actor pool: no actor start-up every epoch; Ray Data scales them to the CPUs
         ds = ds.map_batches(
-            _DecodeWindows,
-            fn_constructor_args=(self.cfg, plan.epoch, self.rank),
-            batch_size=1,
-            concurrency=(1, 2),
-            num_cpus=1,
+            decode_windows, fn_kwargs={"cfg": self.cfg, "epoch": plan.epoch, "rank": self.rank}, batch_size=1
         )
         position = plan.start
         for batch in ds.iter_torch_batches(batch_size=self.batch_size, drop_last=False, prefetch_batches=2):
@@ -317,19 +314,16 @@ class RayDataLoader(_StreamLoaderBase):
             position += len(batch["y"])
 
 
-class _DecodeWindows:
-    """A Ray Data ``map_batches`` callable: window descriptions in, decoded samples out."""
-
-    def __init__(self, cfg: StreamConfig, epoch: int, rank: int) -> None:
-        self.cfg, self.epoch, self.rank = cfg, epoch, rank
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = []
-        for raw in batch["item"]:
-            d = json.loads(raw)
-            win = Window([tuple(g) for g in d["groups"]], np.asarray(d["order"], dtype=np.int64))
-            out.append(decode_window(self.cfg, win, self.epoch, self.rank, d["i"]))
-        return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+def decode_windows(
+    batch: dict[str, np.ndarray], cfg: StreamConfig, epoch: int, rank: int
+) -> dict[str, np.ndarray]:
+    """A Ray Data ``map_batches`` function: window descriptions in, decoded samples out."""
+    out = []
+    for raw in batch["item"]:
+        d = json.loads(raw)
+        win = Window([tuple(g) for g in d["groups"]], np.asarray(d["order"], dtype=np.int64))
+        out.append(decode_window(cfg, win, epoch, rank, d["i"]))
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
 class EvalLoader:

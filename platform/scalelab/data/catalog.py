@@ -161,7 +161,11 @@ def load_dataset(
     data = read_any(path)
     _check_format(spec, data, path)
     data.version = version
-    version.format = "stream" if getattr(data, "meta", {}).get("format") == "shards" else "memory"
+    if getattr(data, "meta", {}).get("format") == "shards":
+        version.format, version.format_reason = "stream", data.meta.get("format_reason")
+    else:
+        version.format = "memory"
+        version.format_reason = choose_format(spec, data.splits["train"].x.nbytes / 1e6)[1]
     return data
 
 

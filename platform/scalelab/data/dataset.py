@@ -81,6 +81,7 @@ class DataVersion:
     path: str | None = None  # prepared folder, relative to the DVC repository root
     repo: str | None = None  # DVC repository (local root or git URL) to read ``rev`` from
     format: str | None = None  # how training reads it: "memory" (arrays) or "stream" (shards)
+    format_reason: str | None = None  # why (data.format in the recipe, or auto's size decision)
 
     @property
     def status(self) -> str:
@@ -97,6 +98,7 @@ class DataVersion:
             "data.remote": self.remote or "",
             "data.path": self.path or "",
             **({"data.format": self.format} if self.format else {}),
+            **({"data.format_reason": self.format_reason} if self.format_reason else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:

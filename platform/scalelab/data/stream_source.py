@@ -113,5 +113,6 @@ def load_remote_stream(spec: DataSpec) -> StreamDataset:
         format="stream",
     )
     data = open_remote_shards(remote_shards_config(version, spec.endpoint_url or remote.endpoint_url))
+    version.format_reason = data.meta.get("format_reason")
     data.version = version
     return data

@@ -80,8 +80,9 @@ class DataVersion:
     remote: str | None = None  # URL of the DVC remote the data is pushed to
     path: str | None = None  # prepared folder, relative to the DVC repository root
     repo: str | None = None  # DVC repository (local root or git URL) to read ``rev`` from
-    format: str | None = None  # how training reads it: "memory" (arrays) or "stream" (shards)
-    format_reason: str | None = None  # why (data.format in the recipe, or auto's size decision)
+    # how training reads it, not which bytes (so not part of equality): "memory" or "stream", and why
+    format: str | None = field(default=None, compare=False)
+    format_reason: str | None = field(default=None, compare=False)
 
     @property
     def status(self) -> str:

@@ -78,7 +78,13 @@ class RuntimeSettings(BaseSettings):
         None,
         description="Testing only: 'rank=R,epoch=E,marker=PATH' makes Ray Train worker R exit "
         "(os._exit(1)) right after reporting epoch E, once (PATH records that it happened), to "
-        "exercise worker-failure recovery. Unset in normal use.",
+        "exercise worker-failure recovery; with ',step=S' right after its mid-epoch checkpoint at "
+        "optimiser step S of the epoch after E epochs. Unset in normal use.",
+    )
+    sample_log: str | None = Field(
+        None,
+        description="Testing only: append the sample ids of every streamed training batch (rank, "
+        "epoch, position) to this JSON-lines file, to check exactly-once resume. Unset in normal use.",
     )
 
 

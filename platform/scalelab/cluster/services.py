@@ -153,3 +153,47 @@ def _start_http_service(
         svc.stop()
         raise
     return svc
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something accepts connections on ``host:port`` or the port cannot be bound there."""
+    with socket.socket() as s:
+        s.settimeout(1)
+        if s.connect_ex((host, port)) == 0:
+            return True
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_holder(port: int) -> str | None:
+    """``pid N (command line)`` of the process listening on TCP ``port``, when this user may see it.
+
+    Linux only (``/proc/net/tcp*`` gives the listening socket's inode, ``/proc/PID/fd`` its owner);
+    None elsewhere or when the holder belongs to another user.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")  # state 0A = LISTEN
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                return f"pid {proc.name} ({cmdline.strip()[:200]})"
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return None

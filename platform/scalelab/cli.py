@@ -251,7 +251,6 @@ class LazyGroup(TyperGroup):
             else:
                 self.add_command(LazyVerb(name, entry))
 
-
     def resolve_command(self, ctx: click.Context, args: list[str]):
         """A first word that is no verb of this group (and no option) goes to its default verb."""
         if self.default_verb and args and args[0] not in self.commands and not args[0].startswith("-"):

@@ -48,14 +48,15 @@ Address = Annotated[
 
 def _serve_spec(recipe: Path | None, target_name: str, overrides: list[str]):
     """The serve section of the recipe (default: pipelines/NAME.yaml of the current project)."""
-    from scalelab.config import load_recipe
-    from scalelab.config.specs import RecipeSpec
+    from scalelab.config.loader import apply_overrides, load_recipe, validate_recipe
 
     path = recipe or (
         Path(f"pipelines/{target_name}.yaml") if Path(f"pipelines/{target_name}.yaml").is_file() else None
     )
-    spec = load_recipe(path, overrides) if path else RecipeSpec()
-    return spec.serve
+    if path:
+        return load_recipe(path, overrides).serve
+    # no recipe: the defaults, with the overrides (serve.port=8001) still applied
+    return validate_recipe(apply_overrides({}, overrides), "command line overrides").serve
 
 
 def _check_registered(name: str, alias: str | None, version: str | None, uri: str) -> None:
@@ -85,6 +86,7 @@ def deploy(
     ``/NAME``. Starting Serve on a port something else holds is refused. Returns once the app's
     own ``/readyz`` answers 200 (under HAProxy the port answers 404 for seconds before that).
     """
+    import ray
     from ray import serve
 
     from scalelab.cluster.session import connect_ray, ray_address_to_use
@@ -99,7 +101,9 @@ def deploy(
         uri = None if bundle else resolve_tracking_uri(tracking_uri)
         if uri:
             _check_registered(name, alias, version, uri)
-        own_cluster = ray_address_to_use(address)[0] is None
+        own_cluster = ray_address_to_use(address)[0] is None and not ray.is_initialized()
+        if own_cluster:  # a new Ray has no Serve yet: its port must be free (checked before Ray starts)
+            refuse_held_port(spec.host, spec.port)
         connect_ray(address, log_to_driver=False, configure_logging=False, include_dashboard=None)
     host, port = start_serve(spec.host, spec.port)
     appname = app_name(spec, name)
@@ -134,8 +138,6 @@ def start_serve(host: str, port: int) -> tuple[str, int]:
     """
     from ray import serve
 
-    from scalelab.cluster.services import port_holder, port_in_use
-
     details = serve_details()
     if details is not None:
         http = details.get("http_options") or {}
@@ -147,6 +149,17 @@ def start_serve(host: str, port: int) -> tuple[str, int]:
                 highlight=False,
             )
         return running
+    refuse_held_port(host, port)
+    # loopback: every node is on this machine, so one ingress (the head's) and no port clashes
+    location = "HeadOnly" if host in ("127.0.0.1", "localhost", "::1") else "EveryNode"
+    serve.start(proxy_location=location, http_options={"host": host, "port": port})
+    return host, port
+
+
+def refuse_held_port(host: str, port: int) -> None:
+    """A :class:`ClusterError` naming the holder when ``host:port`` is taken."""
+    from scalelab.cluster.services import port_holder, port_in_use
+
     if port_in_use(host, port):
         holder = port_holder(port) or "a process this user cannot see"
         raise ClusterError(
@@ -155,10 +168,6 @@ def start_serve(host: str, port: int) -> tuple[str, int]:
             f"`scalelab serve NAME` (the second answers under /NAME/); else stop that process or "
             f"choose another port (serve.port=8001)"
         )
-    # loopback: every node is on this machine, so one ingress (the head's) and no port clashes
-    location = "HeadOnly" if host in ("127.0.0.1", "localhost", "::1") else "EveryNode"
-    serve.start(proxy_location=location, http_options={"host": host, "port": port})
-    return host, port
 
 
 RESERVED_PREFIXES = {"v1", "healthz", "readyz", "openapi.json", "docs", "favicon.ico", "-", "metrics"}
@@ -289,8 +298,12 @@ def serve_command(
 
 def _connect_existing(address: str | None) -> None:
     """Connect to the running stack (or ``--address``); never start a new Ray just to look."""
+    import ray
+
     from scalelab.cluster.session import connect_ray, ray_address_to_use
 
+    if ray.is_initialized():  # this process's own Ray (Python callers, tests)
+        return
     if ray_address_to_use(address)[0] is None:
         raise ClusterError(
             "no running Ray cluster to look at: start one with `scalelab up` (then `scalelab serve NAME` "

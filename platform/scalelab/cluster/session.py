@@ -154,6 +154,8 @@ def serve_ingress_env() -> dict[str, str]:
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # ... but request logs written as they happen (it buffers 1000 lines: `tail -f` shows nothing)
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": os.environ.get(CLIENT_TIMEOUT_ENV, "10"),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),

@@ -238,6 +238,10 @@ def _emit(target: str, spec, uri: str | None, emit_config: Path | None, emit_ray
         console.print(f"wrote {emit_rayservice}")
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def _serve_until_stopped(deployment: Deployment) -> None:
     """Block until Ctrl-C or SIGTERM, then stop what this command started, in seconds.
 
@@ -248,10 +252,6 @@ def _serve_until_stopped(deployment: Deployment) -> None:
     import ray
     from ray import serve
 
-    def _stop(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)  # `kill PID` stops it as cleanly as Ctrl-C
     try:
         while True:
             time.sleep(3600)
@@ -289,6 +289,7 @@ def serve_command(
         # tracking_uri None: replicas take MLFLOW_TRACKING_URI from their environment
         _emit(target, spec, tracking_uri, emit_config, emit_rayservice)
         return
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops it as cleanly as Ctrl-C, even mid-deploy
     deployment = deploy(target, overrides, recipe, bundle, tracking_uri, address)
     url = deployment.url
     console.print(

@@ -158,6 +158,8 @@ def serve_ingress_env() -> dict[str, str]:
         "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": os.environ.get(CLIENT_TIMEOUT_ENV, "10"),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+        # Serve kills a proxy not ready within 5 s; HAProxy's start takes longer on a loaded machine
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),

@@ -137,6 +137,7 @@ def start_serve(host: str, port: int) -> tuple[str, int]:
     on the same port would silently take a share of its traffic.
     """
     from ray import serve
+    from ray.exceptions import RayActorError
 
     details = serve_details()
     if details is not None:
@@ -152,7 +153,10 @@ def start_serve(host: str, port: int) -> tuple[str, int]:
     refuse_held_port(host, port)
     # loopback: every node is on this machine, so one ingress (the head's) and no port clashes
     location = "HeadOnly" if host in ("127.0.0.1", "localhost", "::1") else "EveryNode"
-    serve.start(proxy_location=location, http_options={"host": host, "port": port})
+    try:
+        serve.start(proxy_location=location, http_options={"host": host, "port": port})
+    except RayActorError:  # a proxy slow to start is killed and restarted by Serve's controller;
+        pass  # the controller runs, and wait_ready() then waits for the restarted one
     return host, port
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from dataclasses import dataclass
@@ -153,10 +154,10 @@ def start_serve(host: str, port: int) -> tuple[str, int]:
     refuse_held_port(host, port)
     # loopback: every node is on this machine, so one ingress (the head's) and no port clashes
     location = "HeadOnly" if host in ("127.0.0.1", "localhost", "::1") else "EveryNode"
-    try:
+    # a proxy slow to start is killed and restarted by Serve's controller: the controller runs, and
+    # wait_ready() then waits for the restarted proxy
+    with contextlib.suppress(RayActorError):
         serve.start(proxy_location=location, http_options={"host": host, "port": port})
-    except RayActorError:  # a proxy slow to start is killed and restarted by Serve's controller;
-        pass  # the controller runs, and wait_ready() then waits for the restarted one
     return host, port
 
 

@@ -29,6 +29,7 @@ from scalelab.tracking.bundles import connect
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 LOOSE = {"latency_p95_ms": 5000.0}
+JSON = {"content-type": "application/json"}
 
 
 def png_body(x: np.ndarray) -> bytes:
@@ -90,7 +91,7 @@ def test_two_models_on_one_cluster_each_on_its_own_route(
             from scalelab.registry.gate import load_test_split
 
             x, y, _ = load_test_split(read_bundle_meta(digits_bundles["good"]["dir"]))
-            r = httpx.post(f"{dep.url}/v1/predict", content=png_body(x[0]), timeout=30)
+            r = httpx.post(f"{dep.url}/v1/predict", content=png_body(x[0]), headers=JSON, timeout=30)
             assert r.status_code == 200 and r.json()["model"]["version"] == version
         assert httpx.get(f"{b.url}/", timeout=30).status_code == 200  # its demo page, under /NAME/
 
@@ -211,7 +212,7 @@ def test_flood_of_slow_bodies_and_sigterm(digits_bundles, tmp_path):
                 until = time.monotonic() + 6
                 while time.monotonic() < until:
                     t = time.perf_counter()
-                    codes.append(http.post(f"{url}/v1/predict", content=body).status_code)
+                    codes.append(http.post(f"{url}/v1/predict", content=body, headers=JSON).status_code)
                     latencies.append((time.perf_counter() - t) * 1000)
         finally:
             for s in held:

@@ -247,6 +247,30 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
+def _stop_own_ray(orderly_s: float = 4.0) -> None:
+    """Stop the local Ray this command started and exit: ``ray.shutdown``, bounded (what still runs
+    after ``orderly_s``: raylet, GCS, workers, HAProxy, is terminated together, then killed), then
+    the process ends at once (exit-time handlers of the libraries took seconds and have nothing
+    left to do)."""
+    import os
+    import sys
+    import threading
+
+    import ray
+
+    from scalelab.cluster.services import descendants, terminate_processes
+
+    tree = descendants(os.getpid())  # now: once the raylet is gone, its workers belong to init
+    orderly = threading.Thread(target=ray.shutdown, daemon=True)
+    orderly.start()
+    orderly.join(orderly_s)
+    terminate_processes(tree + descendants(os.getpid()), grace_s=2.0)
+    console.print("stopped")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def _serve_until_stopped(deployment: Deployment) -> None:
     """Block until Ctrl-C or SIGTERM, then stop what this command started, in seconds.
 
@@ -254,9 +278,9 @@ def _serve_until_stopped(deployment: Deployment) -> None:
     an application deployed into a running cluster is deleted without waiting for its replicas
     to drain (the cluster and its other applications keep running).
     """
-    import ray
     from ray import serve
 
+    signal.signal(signal.SIGTERM, _interrupt)  # again: ray.init installed a handler of its own
     try:
         while True:
             time.sleep(3600)
@@ -266,7 +290,7 @@ def _serve_until_stopped(deployment: Deployment) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the cleanup short
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if deployment.own_cluster:
-            ray.shutdown()
+            _stop_own_ray()
         else:
             serve.delete(deployment.app, _blocking=False)
 

@@ -31,6 +31,11 @@ def test_default_ingress_is_haproxy_with_a_client_timeout_and_private_ports(monk
     )
     monkeypatch.setenv("RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", "3")  # what the user set wins
     assert serve_ingress_env()["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "3"
+    # ... but ports inherited from a process holding a cluster are not reused (they are taken)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", env["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert serve_ingress_env()["RAY_SERVE_HAPROXY_STATS_PORT"] != env["RAY_SERVE_HAPROXY_STATS_PORT"]
+    monkeypatch.setenv("SCALELAB_SERVE_HAPROXY_STATS_PORT", "18404")
+    assert serve_ingress_env()["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
 
 
 def test_proxy_ingress_and_a_bad_value(monkeypatch):

@@ -146,7 +146,7 @@ def serve_ingress_env() -> dict[str, str]:
     (``$SCALELAB_SERVE_CLIENT_TIMEOUT_S``, 10 s; Ray's default is an hour) cuts off clients that
     stop sending mid-request (slow-body / slowloris). A deleted application's replicas drain for
     3 s (Ray's floor under direct ingress is 30 s, which made `scalelab serve stop` take 31 s).
-    Values already in this process's environment win.
+    Values already in this process's environment win (but for the two HAProxy ports).
     """
     if serve_ingress() == "proxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
@@ -165,10 +165,15 @@ def serve_ingress_env() -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
     }
-    return {k: os.environ.get(k, v) for k, v in env.items()}
+    env = {k: os.environ.get(k, v) for k, v in env.items()}
+    # Never inherited: a process started from one that holds a cluster (a test session, a script)
+    # would reuse that cluster's ports and its HAProxy would not start. Fixed ports for scraping:
+    # $SCALELAB_SERVE_HAPROXY_STATS_PORT / $SCALELAB_SERVE_HAPROXY_METRICS_PORT.
+    for what in ("STATS", "METRICS"):
+        port = os.environ.get(f"SCALELAB_SERVE_HAPROXY_{what}_PORT") or str(_free_port())
+        env[f"RAY_SERVE_HAPROXY_{what}_PORT"] = port
+    return env
 
 
 def _free_port() -> int:

@@ -39,8 +39,12 @@ def test_default_ingress_is_haproxy_with_a_client_timeout_and_private_ports(monk
 
 
 def test_proxy_ingress_and_a_bad_value(monkeypatch):
+    from scalelab.serve.guard import PROXY_CALLBACK_ENV
+
     monkeypatch.setenv("SCALELAB_SERVE_INGRESS", "proxy")
-    assert serve_ingress_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    assert serve_ingress_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "0", **PROXY_CALLBACK_ENV}
+    monkeypatch.delenv("SCALELAB_SERVE_INGRESS")
+    assert PROXY_CALLBACK_ENV.items() <= serve_ingress_env().items()  # the header guard, either way
     monkeypatch.setenv("SCALELAB_SERVE_INGRESS", "nginx")
     with pytest.raises(ConfigError, match="haproxy"):
         serve_ingress_env()

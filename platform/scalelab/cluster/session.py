@@ -148,10 +148,14 @@ def serve_ingress_env() -> dict[str, str]:
     3 s (Ray's floor under direct ingress is 30 s, which made `scalelab serve stop` take 31 s).
     Values already in this process's environment win (but for the two HAProxy ports).
     """
+    # serve/guard.py's header guard (non-UTF-8 header bytes: a 400, not Ray's 500) runs in either
+    # ingress; a string here, as this module sits below serve (equal to guard.PROXY_CALLBACK_ENV)
+    guard = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "scalelab.serve.guard:ingress_middlewares"}
     if serve_ingress() == "proxy":
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", **guard}
     folder = Path(tempfile.gettempdir()) / f"scalelab-haproxy-{os.getuid()}"
     env = {
+        **guard,
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         # ... but request logs written as they happen (it buffers 1000 lines: `tail -f` shows nothing)

@@ -156,6 +156,7 @@ def rayservice_manifest(spec: ServeSpec, target: str, tracking_uri: str | None) 
 # The ingress settings a cluster's pods carry (serve_ingress_env minus what only matters when several
 # clusters share one machine: HAProxy's stats/metrics ports and socket folder, the short drain).
 PORTABLE_INGRESS_ENV = (
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",  # the header guard (serve/guard.py)
     "RAY_SERVE_ENABLE_HA_PROXY",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED",
     "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S",

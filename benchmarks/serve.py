@@ -356,7 +356,7 @@ def main() -> None:
         "input": meta["dataset"]["shape"],
         **model_info,
         "ingress": serve_ingress(),
-        "ingress_env": {k: v for k, v in ingress_env.items() if "PORT" not in k and "/" not in v},
+        "ingress_env": {k: v for k, v in ingress_env.items() if not k.endswith("_PORT") and "/" not in v},
         "load_generator": f"hey ({HEY}); -z {duration:g}s per point, keep-alive, POST from a file",
         "duration_s": duration,
         "quick": args.quick,

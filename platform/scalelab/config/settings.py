@@ -68,6 +68,13 @@ class RuntimeSettings(BaseSettings):
     mlflow_end_flush_s: float = Field(
         30.0, ge=0, description="Longest wait to send end-of-run calls (tags, run status)."
     )
+    # -- Ray Serve (serve/commands.py) ---------------------------------------------------------------
+    serve_ready_timeout_s: float = Field(
+        120.0, gt=0, description="How long a deployed model's /readyz may take to answer 200."
+    )
+    serve_stop_timeout_s: float = Field(
+        10.0, gt=0, description="How long `scalelab serve stop` waits for the app's route to go away."
+    )
     # -- Ray jobs ------------------------------------------------------------------------------------
     job_poll_interval_s: float = Field(1.0, gt=0, description="How often a waited-for job's status is read.")
     job_wait_timeout_s: float = Field(

@@ -364,7 +364,12 @@ class ServeSpec(_Spec):
     )
     max_batch_size: int = Field(32, ge=1, description="Dynamic batching: largest batch.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Dynamic batching: wait for more.")
-    max_ongoing_requests: int = Field(64, ge=1, description="Per replica; beyond it requests queue.")
+    max_ongoing_requests: int = Field(
+        256,
+        ge=1,
+        description="Per replica; beyond it requests queue. A slow client holds one until the ingress's "
+        "client timeout cuts it, so keep it above the slow connections the service must outlast.",
+    )
     max_queued_requests: int = Field(256, ge=-1, description="Queue bound; beyond it a fast 503.")
     max_body_bytes: int = Field(8_000_000, ge=1024, description="Request body limit (413 above).")
     max_images: int = Field(64, ge=1, description="Images per request.")

@@ -2,7 +2,8 @@
 
     nice -n 10 .venv/bin/python benchmarks/lowres.py [--train-subset N] [--epochs E] [--seeds 0 1 2]
     # writes benchmarks/results/lowres.json (rewritten after every training, so a cut run keeps
-    # what it finished)
+    # what it finished; every training is also a line of lowres_runs.jsonl, so seeds can run as
+    # separate processes side by side: each rewrites the summary from all lines of the same setup)
 
 Fashion-MNIST from /usr/share/datasets/fashion-mnist (`make system-deps`), the official 10k test
 set. Every model trains with the same recipe (``pipelines/fashion-mnist.yaml``: SGD one-cycle,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import write_results  # noqa: E402
+from common import RESULTS, machine  # noqa: E402
 
 RECIPE = REPO / "pipelines" / "fashion-mnist.yaml"
 TEST_SCALES = (0.5, 0.75, 1.0, 1.25)
@@ -59,7 +61,7 @@ def model_specs(match_flops: bool) -> dict[str, dict]:
     return models
 
 
-def load_data(train_subset: int, data_dir: Path):
+def load_data(train_subset: int, test_subset: int, data_dir: Path):
     import numpy as np
 
     from scalelab.config import load_recipe
@@ -73,6 +75,8 @@ def load_data(train_subset: int, data_dir: Path):
     data.splits["train"] = Split(train.x[keep], train.y[keep])
     val = data.splits["val"]  # only reported per epoch: 2k of it is plenty
     data.splits["val"] = Split(val.x[:2000], val.y[:2000])
+    test = data.splits["test"]  # the official test set, or its first test_subset images
+    data.splits["test"] = Split(test.x[:test_subset], test.y[:test_subset])
     return data
 
 
@@ -120,10 +124,11 @@ def accuracy_at_scales(model, data) -> dict[float, float]:
 
 def summarise(runs: list[dict], models: dict, costs: dict, args, started: float) -> dict:
     figures: dict = {
-        "dataset": "fashion-mnist (official 10k test set)",
+        "dataset": "fashion-mnist (official test set)",
         "train_subset": args.train_subset,
+        "test_images": args.test_subset,
         "epochs": args.epochs,
-        "seeds": args.seeds,
+        "seeds": sorted({r["seed"] for r in runs}),
         "test_scales": list(TEST_SCALES),
         "mixedtrain_rescale": list(MIXED),
         "test_rescale": "s<1: area-downsample by s, bilinear back to 28 px; s>1: bilinear up, centre crop",
@@ -159,6 +164,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-subset", type=int, default=12000)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--test-subset", type=int, default=10000, help="first N official test images")
+    parser.add_argument("--data-dir", type=Path, default=None, help="prepared data (default: a temp dir)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-flops-partner", action="store_true", help="skip the matched-FLOPs baseline")
     parser.add_argument("--name", default="lowres", help="results file name (benchmarks/results/NAME.json)")
@@ -176,9 +183,10 @@ def main() -> None:
             f"{name}: {model} {costs[name]['params']:,} params {costs[name]['flops'] / 1e6:.2f} MFLOPs",
             flush=True,
         )
-    runs: list[dict] = []
+    setup = {"train_subset": args.train_subset, "epochs": args.epochs, "test_subset": args.test_subset}
+    log = RESULTS / f"{args.name}_runs.jsonl"
     with tempfile.TemporaryDirectory(prefix="lowres-") as tmp:
-        data = load_data(args.train_subset, Path(tmp) / "data")
+        data = load_data(args.train_subset, args.test_subset, args.data_dir or Path(tmp) / "data")
         # seeds outermost: a run cut short still has every model at the same seeds
         for seed in args.seeds:
             for mixed in (False, True):
@@ -186,31 +194,35 @@ def main() -> None:
                     t0 = time.perf_counter()
                     net = train_one(model, seed, args.epochs, mixed, data, Path(tmp))
                     acc = accuracy_at_scales(net, data)
-                    runs.append(
-                        {
-                            "model": name,
-                            "mixed": mixed,
-                            "seed": seed,
-                            "acc": {str(k): v for k, v in acc.items()},
-                        }
-                    )
+                    run = {
+                        "model": name,
+                        "mixed": mixed,
+                        "seed": seed,
+                        "acc": {str(k): v for k, v in acc.items()},
+                    }
                     print(
                         f"seed {seed} {name:<15} {'mixed ' if mixed else 'native'} "
                         + " ".join(f"s{s}={a:.4f}" for s, a in acc.items())
                         + f" ({time.perf_counter() - t0:.0f}s)",
                         flush=True,
                     )
-                    write_results(args.name, summarise(runs, models, costs, args, started))
-    print(
-        json.dumps(
-            {
-                k: v
-                for k, v in summarise(runs, models, costs, args, started).items()
-                if k.startswith("acc_") and not k.endswith("seed")
-            },
-            indent=1,
-        )
-    )
+                    with log.open("a") as fh:
+                        fh.write(json.dumps({**setup, **run}) + "\n")
+                    runs = [r for r in map(json.loads, log.read_text().splitlines()) if _same(r, setup)]
+                    write_atomic(args.name, summarise(runs, models, costs, args, started))
+
+
+def _same(run: dict, setup: dict) -> bool:
+    return all(run.get(k) == v for k, v in setup.items())
+
+
+def write_atomic(name: str, figures: dict) -> None:
+    """common.write_results, through a temporary file: seeds in parallel processes rewrite it."""
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**figures, **machine()}, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

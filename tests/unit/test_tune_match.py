@@ -16,6 +16,7 @@ from scalelab.tune.match import cost_function, match_widths, snapped, valid_widt
 from scalelab.tune.report import best_recipe, summary_table
 from scalelab.tune.searchers import PointsSearcher, ScreenedSearcher
 from scalelab.tune.space import MATCHED_WIDTHS, Screen, resolve_match, validate_space
+from scalelab.tune.trials import trial_spec
 
 DIGITS = Path(__file__).resolve().parents[2] / "pipelines" / "digits.yaml"
 
@@ -82,7 +83,7 @@ def test_screened_trials_carry_matched_widths_into_their_recipe(tmp_path):
         cost = searcher.costs[f"t{i}"]
         assert cost["match_target"] == target and abs(cost["params"] / target - 1) <= 0.05
         assert cost["params"] == cost["matched_params"]
-        trial = screen.spec_for(config)
+        trial = trial_spec(base, spec.search.space, config)  # what the trial process trains
         assert trial.model.scales == scales and trial.model.widths == cost["matched_widths"]
         # best.yaml gets the same widths back from the row's values
         values = {"model.scales": scales, MATCHED_WIDTHS: cost["matched_widths"]}

@@ -75,6 +75,10 @@ VERBS: dict[str, Verb | Group] = {
         "scalelab.serve.commands:serve_command",
         "Serve a registered model over HTTP with Ray Serve (batching, autoscaling, hot swap).",
     ),
+    "predict": Verb(
+        "scalelab.predict.commands:predict_command",
+        "Score an image folder, an S3 prefix or a dataset version with a model on Ray Data, into Parquet.",
+    ),
     "submit": Verb(
         "scalelab.cluster.job_commands:submit", "Submit a job spec to a Ray cluster through the Jobs API."
     ),

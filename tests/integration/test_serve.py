@@ -296,8 +296,8 @@ def test_bad_input_gets_clear_4xx_and_replica_keeps_serving(served):
         for label, f, status in files:
             r = http.post(f"{served.url}/v1/predict/file", files=f)
             assert r.status_code == status, (label, r.status_code, r.text[:300])
-        r = http.post(f"{served.url}/v1/predict/file", data={"x": "1"})
-        assert r.status_code == 422
+        r = http.post(f"{served.url}/v1/predict/file", data={"x": "1"})  # a urlencoded form, no files
+        assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
         # other sizes and colour modes are converted, not rejected
         rgb = np.random.default_rng(1).integers(0, 255, (37, 53, 3), dtype=np.uint8)
         for raw in (

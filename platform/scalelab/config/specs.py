@@ -431,7 +431,7 @@ class JobSpec(_Spec):
     """A cluster job: which scalelab verb on which recipe, with what environment and resources."""
 
     name: str = Field(..., description="Job name, used in the submission id.")
-    verb: Literal["train", "tune", "pipeline", "serve", "data", "evaluate"] = Field(
+    verb: Literal["train", "tune", "pipeline", "serve", "data", "evaluate", "predict"] = Field(
         ..., description="The scalelab verb the job runs."
     )
     args: list[str] = Field(

@@ -15,19 +15,30 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scalelab.artifacts.predictor import Predictor
-from scalelab.artifacts.preprocess import BadInput, decode_array, decode_base64, decode_image_bytes
+from scalelab.artifacts.preprocess import (
+    ACCEPTED,
+    MAGIC,
+    NPY_MAGIC,
+    BadInput,
+    decode_array,
+    decode_base64,
+    decode_image_bytes,
+    decode_npy,
+)
 from scalelab.data.samples import read_samples
+from scalelab.serve.guard import refuse_websocket, send_error
 from scalelab.serve.settings import ReplicaConfig, key_sha256
 
 log = logging.getLogger("ray.serve")
@@ -38,8 +49,9 @@ STATIC = Path(__file__).parent / "static"
 class PredictRequest(BaseModel):
     images: list[str | list[Any]] = Field(
         ...,
-        description="Images: base64 PNG/JPEG/BMP (a data: URL is fine) or nested lists (H, W) / (H, W, C) "
-        "of pixel values in [0, 255]. Any size or colour mode; converted to the model's input.",
+        description="Images: base64 PNG/JPEG/BMP/WebP (a data: URL is fine) or nested lists "
+        "(H, W) / (H, W, C) of pixel values in [0, 255]. Any size or colour mode; converted to the "
+        "model's input.",
         examples=[["iVBORw0KGgo..."], [[[0, 255], [255, 0]]]],
     )
     top_k: int | None = Field(None, ge=1, le=1000, description="Classes per image (default: server's top_k).")
@@ -72,7 +84,7 @@ class ErrorResponse(BaseModel):
     error: str = Field(..., description="What was wrong and what to do.")
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 
 api = FastAPI(
     title="scalelab model server",
@@ -92,17 +104,20 @@ class _Limits:
     api_key_sha256: str | None = None
 
 
-class _TooLarge(Exception):
-    pass
+DRAIN_BYTES = 64 << 20  # read (and drop) at most this much of an over-limit body before the 413
+DRAIN_SECONDS = 5.0
 
 
 class Guard:
-    """Pure ASGI middleware: API key (401) and body size (413) before any parsing happens."""
+    """Pure ASGI middleware: API key (401), then the whole body read up to the limit (413 above it,
+    whatever the framing: Content-Length or chunked) before any parsing; websockets get a clear 4xx."""
 
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "websocket":
+            return await refuse_websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -110,49 +125,65 @@ class Guard:
             given = headers.get("authorization", "")
             token = given[7:].strip() if given[:7].lower() == "bearer " else ""
             if not token or not hmac.compare_digest(key_sha256(token), _Limits.api_key_sha256):
-                return await _send_json(
+                return await send_error(
                     send,
                     401,
                     "missing or wrong API key: send Authorization: Bearer <key>",
                     {"www-authenticate": "Bearer"},
                 )
         limit = _Limits.max_body_bytes
+        too_large = (
+            f"request body exceeds the limit of {limit:,} bytes; send fewer or smaller images per request "
+            "(several requests, or image files instead of pixel arrays)"
+        )
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
-                return await _send_json(send, 400, "invalid Content-Length header")
+            if not length.strip().isdigit():
+                return await send_error(
+                    send, 400, f"invalid Content-Length header {length[:40]!r}: send the body size in bytes"
+                )
             if int(length) > limit:
-                return await _send_json(send, 413, f"request body of {int(length):,} bytes exceeds {limit:,}")
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
+                if headers.get("expect", "").lower() == "100-continue":  # the body was not sent yet
+                    return await send_error(send, 413, f"{int(length):,} bytes: {too_large}")
+                await _drain(receive)
+                return await send_error(send, 413, f"{int(length):,} bytes: {too_large}")
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge()
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > limit:  # chunked (no Content-Length), or more bytes than it said
+                await _drain(receive)
+                return await send_error(send, 413, too_large)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then only http.disconnect, from the server
 
+        await self.app(scope, replay, send)
+
+
+async def _drain(receive) -> None:
+    """Read the rest of a refused body (bounded in bytes and time), so the client, still sending,
+    reads the 413 instead of a reset connection."""
+    seen, deadline = 0, time.monotonic() + DRAIN_SECONDS
+    while seen < DRAIN_BYTES:
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _send_json(send, 413, f"request body exceeds {limit:,} bytes")
-
-
-async def _send_json(send, status: int, message: str, extra: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+            message = await asyncio.wait_for(receive(), max(0.01, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
 
 
 api.add_middleware(Guard)
@@ -163,23 +194,80 @@ async def _bad_input(_: Request, exc: BadInput) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
+ROUTES = (
+    "POST /v1/predict, POST /v1/predict/file, GET /v1/model, /v1/samples, /healthz, /readyz, / (demo page); "
+    "the API is described at /openapi.json"
+)
+
+
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = str(exc.detail)
+    if exc.status_code in (404, 405):  # say what exists instead
+        message = f"{message}: {request.method} {request.url.path}; this server answers {ROUTES}"
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(
+    return JSONResponse({"error": f"invalid request: {_problems(exc.errors())}"}, status_code=422)
+
+
+TopK = Annotated[int | None, Query(ge=1, le=1000, description="Classes per image (default: server's top_k).")]
+SEND_ONE_OF = (
+    'send one of: application/json {"images": [base64 image file or pixel array, ...]}; '
+    "image/png, image/jpeg, image/bmp or image/webp (the body is one image file); "
+    "application/x-npy (numpy.save of a uint8 (N, H, W[, C]) batch); multipart/form-data (field files)"
+)
+JSON_HINT = 'send {"images": ["<base64 PNG/JPEG>", ...], "top_k": 5} with Content-Type: application/json'
+NPY_TYPES = {"application/x-npy", "application/npy", "application/x-numpy"}
+SNIFFED = {"", "application/octet-stream", "application/x-www-form-urlencoded", "text/plain"}
+_BINARY = {"type": "string", "format": "binary"}
+MULTIPART = {
+    "schema": {
+        "type": "object",
+        "properties": {"files": {"type": "array", "items": _BINARY, "description": f"{ACCEPTED} files."}},
+        "required": ["files"],
+    }
+}
+PREDICT_BODY = {
+    "required": True,
+    "description": "One form per request, chosen by Content-Type; each may hold several images.",
+    "content": {
+        "application/json": {"schema": PredictRequest.model_json_schema()},
+        **{f"image/{t}": {"schema": _BINARY} for t in ("png", "jpeg", "bmp", "webp")},
+        "application/x-npy": {
+            "schema": {
+                **_BINARY,
+                "description": "numpy.save() of a uint8 array (N, H, W) or (N, H, W, C), H = W = the "
+                "model's image_size and C its channels (see GET /v1/model).",
+            }
+        },
+        "multipart/form-data": MULTIPART,
+    },
+}
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _sniff(body: bytes) -> str | None:
+    """The form of an untyped body, from its first bytes."""
+    if body.startswith(NPY_MAGIC):
+        return "application/x-npy"
+    if body.startswith(MAGIC) or body[8:12] == b"WEBP":
+        return "image/unknown"
+    if body.lstrip()[:1] in (b"{", b"["):
+        return "application/json"
+    return None
+
+
+def _problems(errors: list[dict]) -> str:
+    return "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in exc.errors()[:5]
+        for e in errors[:5]
     )
-    return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
-
-
-@api.exception_handler(_TooLarge)
-async def _too_large(_: Request, exc: _TooLarge) -> JSONResponse:
-    return JSONResponse({"error": f"request body exceeds {_Limits.max_body_bytes:,} bytes"}, status_code=413)
 
 
 def _metrics():
@@ -363,11 +451,12 @@ class ModelServer:
         predictor = self.predictor
         return await asyncio.to_thread(predictor.predict_proba, images), predictor
 
-    async def _predict(self, images: list[np.ndarray], top_k: int | None) -> dict[str, Any]:
+    async def _predict(self, images: list[np.ndarray] | np.ndarray, top_k: int | None) -> dict[str, Any]:
+        """``images``: uint8 (H, W, C) arrays, or one (N, H, W, C) batch (a .npy body)."""
         started = time.perf_counter()
         if self.predictor is not None and self.predictor.task == "detection":
-            return await self._detect(images, started)
-        probs, predictor = await self._infer(np.stack(images))
+            return await self._detect(list(images), started)
+        probs, predictor = await self._infer(images if isinstance(images, np.ndarray) else np.stack(images))
         version = str(predictor.info.get("version"))
         self.m["latency"].observe((time.perf_counter() - started) * 1000, tags={"model_version": version})
         self.m["images"].inc(len(images), tags={"model_version": version})
@@ -395,7 +484,7 @@ class ModelServer:
 
     def _check_count(self, n: int) -> None:
         if n == 0:
-            raise BadInput(422, "no images given: send at least one")
+            raise BadInput(422, f"no images given: send at least one ({SEND_ONE_OF})")
         if n > self.cfg.max_images:
             raise BadInput(413, f"{n} images in one request exceeds the limit of {self.cfg.max_images}")
 
@@ -403,37 +492,110 @@ class ModelServer:
         "/v1/predict",
         response_model=PredictResponse | DetectResponse,
         responses=ERRORS,
-        summary="Classify images (JSON)",
+        summary="Classify images (JSON, image bytes, .npy batch or multipart files)",
+        openapi_extra={"requestBody": PREDICT_BODY},
     )
-    async def predict(self, body: PredictRequest) -> dict[str, Any]:
-        """Top-k classes with probabilities for each image (base64 image files or pixel arrays)."""
+    async def predict(self, request: Request, top_k: TopK = None) -> dict[str, Any]:
+        """Top-k classes with probabilities for each image. The body's `Content-Type` says its form:
+        `application/json` (`{"images": [base64 file | pixel array, ...]}`), `image/png|jpeg|bmp|webp`
+        (the body is one image file), `application/x-npy` (`numpy.save` of a uint8 (N, H, W[, C])
+        batch in the model's size) or `multipart/form-data` (image files, field `files`, repeatable).
+        Several images in one request are scored in one forward pass, with other requests' images."""
         predictor = self._require_model()
-        self._check_count(len(body.images))
-        images = [
-            decode_base64(item, predictor.input, self.cfg.max_pixels, f"images[{i}]")
-            if isinstance(item, str)
-            else decode_array(item, predictor.input, self.cfg.max_pixels, f"images[{i}]")
-            for i, item in enumerate(body.images)
-        ]
-        return await self._predict(images, body.top_k)
+        body = await request.body()  # already read and size-checked by the Guard
+        images, body_top_k = await self._decode_body(request, body, predictor)
+        return await self._predict(images, body_top_k or top_k)
 
     @api.post(
         "/v1/predict/file",
         response_model=PredictResponse | DetectResponse,
         responses=ERRORS,
         summary="Classify uploaded image files (multipart)",
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": MULTIPART}}},
     )
-    async def predict_file(self, files: list[UploadFile] = File(..., description="PNG, JPEG or BMP files.")):
+    async def predict_file(self, request: Request, top_k: TopK = None) -> dict[str, Any]:
         """Top-k classes for each uploaded file (form field `files`, repeatable)."""
         predictor = self._require_model()
-        self._check_count(len(files))
-        images = []
-        for i, f in enumerate(files):
-            raw = await f.read()
-            images.append(
-                decode_image_bytes(raw, predictor.input, self.cfg.max_pixels, f.filename or f"files[{i}]")
+        if _media_type(request) != "multipart/form-data":
+            raise BadInput(
+                415, f"send multipart/form-data (curl -F files=@a.png), not {_media_type(request)!r}"
             )
-        return await self._predict(images, None)
+        return await self._predict(await self._decode_form(request, predictor), top_k)
+
+    async def _decode_body(
+        self, request: Request, body: bytes, predictor: Predictor
+    ) -> tuple[list[np.ndarray] | np.ndarray, int | None]:
+        """The request's images (uint8, the model's size and channels) by Content-Type; JSON's top_k."""
+        media = _media_type(request)
+        if media == "multipart/form-data":
+            return await self._decode_form(request, predictor), None
+        if media in SNIFFED:  # curl -d / --data-binary without -H: look at the bytes
+            media = _sniff(body) or media
+        if media == "application/json" or media.endswith("+json"):
+            return self._decode_json(body, predictor)
+        if media in NPY_TYPES:  # one (N, H, W, C) batch, no per-image work
+            return decode_npy(body, predictor.input, self.cfg.max_images, self.cfg.max_pixels), None
+        if media.startswith("image/"):
+            return [decode_image_bytes(body, predictor.input, self.cfg.max_pixels, "body")], None
+        raise BadInput(415, f"Content-Type {media or '(none)'!r} is not accepted: {SEND_ONE_OF}")
+
+    def _decode_json(self, body: bytes, predictor: Predictor) -> tuple[list[np.ndarray], int | None]:
+        if not body.strip():
+            raise BadInput(422, f'empty body: send {{"images": [...]}} as JSON ({SEND_ONE_OF})')
+        try:
+            obj = json.loads(body)
+        except UnicodeDecodeError as exc:
+            raise BadInput(
+                422, f"body is not UTF-8 text ({exc.reason} at byte {exc.start}): {JSON_HINT}"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise BadInput(
+                422,
+                f"body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): {JSON_HINT}",
+            ) from None
+        except RecursionError:
+            raise BadInput(422, f"JSON nested too deeply: {JSON_HINT}") from None
+        except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+            raise BadInput(422, f"body is not usable JSON ({exc}): {JSON_HINT}") from None
+        try:
+            req = PredictRequest.model_validate(obj)
+        except ValidationError as exc:
+            raise BadInput(422, f"invalid request: {_problems(exc.errors())}; {JSON_HINT}") from None
+        self._check_count(len(req.images))
+        images = [
+            decode_base64(item, predictor.input, self.cfg.max_pixels, f"images[{i}]")
+            if isinstance(item, str)
+            else decode_array(item, predictor.input, self.cfg.max_pixels, f"images[{i}]")
+            for i, item in enumerate(req.images)
+        ]
+        return images, req.top_k
+
+    async def _decode_form(self, request: Request, predictor: Predictor) -> list[np.ndarray]:
+        try:
+            form = await request.form(max_files=self.cfg.max_images + 1, max_fields=self.cfg.max_images + 16)
+        except Exception as exc:  # noqa: BLE001 - python-multipart's parse errors are the client's body
+            detail = (
+                getattr(exc, "detail", None)
+                or getattr(exc, "message", None)
+                or str(exc)
+                or type(exc).__name__
+            )
+            raise BadInput(
+                413 if "too many" in str(detail).lower() else 422,
+                f"malformed multipart body ({detail}); send image files as form fields named files "
+                "(curl -F files=@a.png -F files=@b.png)",
+            ) from None
+        try:
+            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            self._check_count(len(files))
+            images = []
+            for i, f in enumerate(files):
+                raw = await f.read()
+                where = f"files[{i}]" + (f" ({f.filename})" if f.filename else "")
+                images.append(decode_image_bytes(raw, predictor.input, self.cfg.max_pixels, where))
+            return images
+        finally:
+            await form.close()
 
     @api.get("/v1/model", responses=ERRORS, summary="The model being served")
     async def model_info(self) -> dict[str, Any]:

@@ -39,6 +39,8 @@ class Verb:
 class Group:
     help: str
     verbs: dict[str, Verb | Group] = field(default_factory=dict)
+    # the verb run when the first word is none of ``verbs`` (``scalelab serve NAME`` = ``serve run NAME``)
+    default: str | None = None
 
 
 VERBS: dict[str, Verb | Group] = {
@@ -71,9 +73,23 @@ VERBS: dict[str, Verb | Group] = {
     "rollback": Verb(
         "scalelab.registry.commands:rollback", "Move @champion back to the champion it replaced."
     ),
-    "serve": Verb(
-        "scalelab.serve.commands:serve_command",
-        "Serve a registered model over HTTP with Ray Serve (batching, autoscaling, hot swap).",
+    "serve": Group(
+        "Serve models over HTTP with Ray Serve; `scalelab serve NAME` is `scalelab serve run NAME`.",
+        {
+            "run": Verb(
+                "scalelab.serve.commands:serve_command",
+                "Serve a registered model over HTTP with Ray Serve (batching, autoscaling, hot swap).",
+            ),
+            "list": Verb(
+                "scalelab.serve.commands:list_served",
+                "List the models served on the running cluster: application, status, URL.",
+            ),
+            "stop": Verb(
+                "scalelab.serve.commands:stop_served",
+                "Stop one served model on the running cluster; the others keep serving.",
+            ),
+        },
+        default="run",
     ),
     "predict": Verb(
         "scalelab.predict.commands:predict_command",
@@ -232,11 +248,18 @@ class LazyGroup(TyperGroup):
         attrs.setdefault("help", table.help)
         attrs.setdefault("no_args_is_help", True)
         super().__init__(**attrs)
+        self.default_verb = table.default
         for name, entry in table.verbs.items():
             if isinstance(entry, Group):
                 self.add_command(LazyGroup(name=name, table=entry))
             else:
                 self.add_command(LazyVerb(name, entry))
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """A first word that is no verb of this group (and no option) goes to its default verb."""
+        if self.default_verb and args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = [self.default_verb, *args]
+        return super().resolve_command(ctx, args)
 
 
 class RootGroup(LazyGroup):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from scalelab.cluster.services import start_mlflow_server, start_s3_server
+from scalelab.cluster.session import serve_ingress_env
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +59,7 @@ def ray_session():
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.update(serve_ingress_env())  # Serve tests run on the ingress users get (HAProxy)
     # address="local": always a fresh instance, never a `ray start` cluster left on this machine
     ctx = ray.init(
         address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False

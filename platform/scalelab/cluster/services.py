@@ -7,6 +7,7 @@ Nothing here ever kills by name: a :class:`Service` stops exactly the process gr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -153,3 +154,105 @@ def _start_http_service(
         svc.stop()
         raise
     return svc
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something accepts connections on ``host:port`` or the port cannot be bound there."""
+    with socket.socket() as s:
+        s.settimeout(1)
+        if s.connect_ex((host, port)) == 0:
+            return True
+    with socket.socket() as s:
+        # as servers bind: connections of a stopped server in TIME_WAIT do not hold the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_holder(port: int) -> str | None:
+    """``pid N (command line)`` of the process listening on TCP ``port``, when this user may see it.
+
+    Linux only (``/proc/net/tcp*`` gives the listening socket's inode, ``/proc/PID/fd`` its owner);
+    None elsewhere or when the holder belongs to another user.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")  # state 0A = LISTEN
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                return f"pid {proc.name} ({cmdline.strip()[:200]})"
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...; Linux ``/proc``), whatever session
+    or process group they made for themselves."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def terminate_processes(pids: list[int], grace_s: float = 2.0) -> None:
+    """SIGTERM these processes at once, SIGKILL what is left after ``grace_s``. (A process tree is
+    listed *before* its root goes: orphans are re-parented and no longer found below it.)"""
+    procs = list(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for child in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, sig)
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(_exists(p) for p in procs):
+            time.sleep(0.1)
+        procs = [p for p in procs if _exists(p)]
+        if not procs:
+            return
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # our own child that exited is reaped here (else it lingers as a zombie)
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:  # not our child: its parent (or init) reaps it
+        return Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)
+    return True
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

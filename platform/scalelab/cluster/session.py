@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from scalelab.config.settings import runtime_settings
-from scalelab.errors import ClusterError
+from scalelab.errors import ClusterError, ConfigError
 
 STATE_DIR = Path(".scalelab")
 STACK_FILE = STATE_DIR / "stack.json"
@@ -120,6 +121,71 @@ def quiet_serve_env() -> dict[str, str]:
     return {"RAY_SERVE_LOG_TO_STDERR": os.environ.get("RAY_SERVE_LOG_TO_STDERR", "0")}
 
 
+INGRESS_ENV = "SCALELAB_SERVE_INGRESS"  # "haproxy" (default) or "proxy" (Ray Serve's Python proxy)
+CLIENT_TIMEOUT_ENV = "SCALELAB_SERVE_CLIENT_TIMEOUT_S"  # HAProxy `timeout client` (default 10)
+
+
+def serve_ingress() -> str:
+    """Which HTTP ingress Serve runs with: ``haproxy`` unless ``$SCALELAB_SERVE_INGRESS=proxy``."""
+    ingress = os.environ.get(INGRESS_ENV, "haproxy").strip().lower() or "haproxy"
+    if ingress not in ("haproxy", "proxy"):
+        raise ConfigError(f"{INGRESS_ENV}={ingress!r}: use 'haproxy' (the default) or 'proxy'")
+    return ingress
+
+
+def serve_ingress_env() -> dict[str, str]:
+    """The environment a Ray cluster's processes need for our Serve ingress: the one place that decides it.
+
+    Serve reads these once per process (its constants), so they must be in the environment of the
+    raylet that starts the controller, proxies and replicas: ``ray start`` (`scalelab up`, the
+    pipeline's head, worker nodes) or the driver that starts a local Ray (:func:`connect_ray`, the
+    test session). With ``haproxy`` (default): Ray Serve's HAProxy ingress (~4x the requests/s of
+    the Python proxy here) plus ``RAY_SERVE_THROUGHPUT_OPTIMIZED``. HAProxy's fixed defaults are
+    made safe for several clusters on one machine: its stats and Prometheus ports (8404, 9101, on
+    all interfaces) become free ports, its sockets a per-user folder. ``timeout client``
+    (``$SCALELAB_SERVE_CLIENT_TIMEOUT_S``, 10 s; Ray's default is an hour) cuts off clients that
+    stop sending mid-request (slow-body / slowloris). A deleted application's replicas drain for
+    3 s (Ray's floor under direct ingress is 30 s, which made `scalelab serve stop` take 31 s).
+    Values already in this process's environment win (but for the two HAProxy ports).
+    """
+    # serve/guard.py's header guard (non-UTF-8 header bytes: a 400, not Ray's 500) runs in either
+    # ingress; a string here, as this module sits below serve (equal to guard.PROXY_CALLBACK_ENV)
+    guard = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "scalelab.serve.guard:ingress_middlewares"}
+    if serve_ingress() == "proxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", **guard}
+    folder = Path(tempfile.gettempdir()) / f"scalelab-haproxy-{os.getuid()}"
+    env = {
+        **guard,
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # ... but request logs written as they happen (it buffers 1000 lines: `tail -f` shows nothing)
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+        "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": os.environ.get(CLIENT_TIMEOUT_ENV, "10"),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+        # Serve kills a proxy not ready within 5 s; HAProxy's start takes longer on a loaded machine
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+    }
+    env = {k: os.environ.get(k, v) for k, v in env.items()}
+    # Never inherited: a process started from one that holds a cluster (a test session, a script)
+    # would reuse that cluster's ports and its HAProxy would not start. Fixed ports for scraping:
+    # $SCALELAB_SERVE_HAPROXY_STATS_PORT / $SCALELAB_SERVE_HAPROXY_METRICS_PORT.
+    for what in ("STATS", "METRICS"):
+        port = os.environ.get(f"SCALELAB_SERVE_HAPROXY_{what}_PORT") or str(_free_port())
+        env[f"RAY_SERVE_HAPROXY_{what}_PORT"] = port
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:  # cluster/services.py's free_port sits a layer above this module
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def head_auth_env() -> dict[str, str]:
     """The environment a head started by `scalelab up` runs with: token auth unless
     ``$RAY_AUTH_MODE`` says otherwise; a token is made (``~/.ray/auth_token``) if there is none."""
@@ -164,15 +230,12 @@ def connect_ray(
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    source = "--address" if address else "$RAY_ADDRESS"
-    address = address or os.environ.get("RAY_ADDRESS")
+    address, source = ray_address_to_use(address, stack_file)
+    if source == str(stack_file):
+        use_auth_mode(read_stack(stack_file).get("ray_auth_mode"))
     if not address:
-        address = live_ray_address(stack_file)
-        source = str(stack_file)
-        if address:
-            use_auth_mode(read_stack(stack_file).get("ray_auth_mode"))
-    if not address or address == "local":
         os.environ.update(quiet_serve_env())  # its Serve logs (a line per request) to files
+        os.environ.update(serve_ingress_env())
         ray.init(
             address="local",
             num_cpus=num_cpus,
@@ -184,6 +247,19 @@ def connect_ray(
     _check_reachable(address, source)
     ray.init(address=address, log_to_driver=log_to_driver, configure_logging=configure_logging)
     return True
+
+
+def ray_address_to_use(address: str | None = None, stack_file: Path = STACK_FILE) -> tuple[str | None, str]:
+    """Where :func:`connect_ray` would connect, and where that address came from; ``(None, "local")``
+    when it would start a new local Ray of this process's own."""
+    if address and address != "local":
+        return address, "--address"
+    env = os.environ.get("RAY_ADDRESS")
+    if not address and env and env != "local":
+        return env, "$RAY_ADDRESS"
+    if not address and not env and (live := live_ray_address(stack_file)):
+        return live, str(stack_file)
+    return None, "local"
 
 
 def _check_reachable(address: str, source: str) -> None:

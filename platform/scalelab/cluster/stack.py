@@ -37,6 +37,8 @@ from scalelab.cluster.session import (
     pid_alive,
     quiet_serve_env,
     read_stack,
+    serve_ingress,
+    serve_ingress_env,
     write_stack,
 )
 from scalelab.config.settings import runtime_settings
@@ -123,7 +125,13 @@ def start_ray_head(
     # Token authentication (Ray's default when ~/.ray/auth_token exists) made explicit: drivers
     # that connect must then say so too (stack.json's ray_auth_mode; session.connect_ray reads it).
     auth_env = head_auth_env()
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **auth_env, **quiet_serve_env()}
+    env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+        **auth_env,
+        **quiet_serve_env(),
+        **serve_ingress_env(),  # Serve's HTTP ingress (HAProxy by default) for apps on this cluster
+    }
     proc = _spawn("ray", cmd, log, env)
     svc = Service("ray", proc.pid, f"{host}:{port}", str(log))
     try:
@@ -138,6 +146,7 @@ def start_ray_head(
         "ray_address": f"{host}:{port}",
         "ray_auth_mode": auth_env["RAY_AUTH_MODE"],
         "ray_logs": str(temp_dir / "session_latest" / "logs"),  # Serve's access logs: serve/
+        "serve_ingress": serve_ingress(),
     }
     if dashboard:
         addresses["dashboard_url"] = f"http://{host}:{ports['dashboard']}"
@@ -176,7 +185,13 @@ def start_ray_worker(
         str(Path(tempfile.gettempdir()) / f"scalelab-ray-{head_address.rsplit(':', 1)[-1]}-w{index}"),
     ]
     log = state / f"ray-worker-{index}-{ports['agent_grpc']}.log"
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **quiet_serve_env()}
+    # the head's Serve settings: replicas on this node must run the same ingress (direct ingress)
+    env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+        **quiet_serve_env(),
+        **serve_ingress_env(),
+    }
     if auth_mode:
         env["RAY_AUTH_MODE"] = auth_mode
     proc = _spawn("ray-worker", cmd, log, env)
@@ -311,6 +326,7 @@ def down(names: list[str] | None = None) -> list[Service]:
             stack.pop("dashboard_url", None)
             stack.pop("ray_auth_mode", None)
             stack.pop("ray_logs", None)
+            stack.pop("serve_ingress", None)
     stack["services"] = [s.to_dict() for s in kept]
     if kept:
         write_stack(stack)

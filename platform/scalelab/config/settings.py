@@ -68,6 +68,13 @@ class RuntimeSettings(BaseSettings):
     mlflow_end_flush_s: float = Field(
         30.0, ge=0, description="Longest wait to send end-of-run calls (tags, run status)."
     )
+    # -- Ray Serve (serve/commands.py) ---------------------------------------------------------------
+    serve_ready_timeout_s: float = Field(
+        120.0, gt=0, description="How long a deployed model's /readyz may take to answer 200."
+    )
+    serve_stop_timeout_s: float = Field(
+        10.0, gt=0, description="How long `scalelab serve stop` waits for the app's route to go away."
+    )
     # -- Ray jobs ------------------------------------------------------------------------------------
     job_poll_interval_s: float = Field(1.0, gt=0, description="How often a waited-for job's status is read.")
     job_wait_timeout_s: float = Field(
@@ -78,7 +85,13 @@ class RuntimeSettings(BaseSettings):
         None,
         description="Testing only: 'rank=R,epoch=E,marker=PATH' makes Ray Train worker R exit "
         "(os._exit(1)) right after reporting epoch E, once (PATH records that it happened), to "
-        "exercise worker-failure recovery. Unset in normal use.",
+        "exercise worker-failure recovery; with ',step=S' right after its mid-epoch checkpoint at "
+        "optimiser step S of the epoch after E epochs. Unset in normal use.",
+    )
+    sample_log: str | None = Field(
+        None,
+        description="Testing only: append the sample ids of every streamed training batch (rank, "
+        "epoch, position) to this JSON-lines file, to check exactly-once resume. Unset in normal use.",
     )
 
 

@@ -166,6 +166,42 @@ class DataSpec(_Spec):
     on_bad_file: Literal["error", "skip"] = Field(
         "error", description="Imagefolder: stop at an unreadable image, or skip and count it."
     )
+    format: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="Prepared form. 'memory': one uint8 array per split ({train,val,test}.npz), loaded "
+        "whole by every worker. 'stream': Parquet shards of encoded images streamed to the workers by "
+        "Ray Data (datasets larger than memory). 'auto': memory when the decoded train split takes at "
+        "most half of memory_budget_mb, stream otherwise (the choice and reason are printed and logged).",
+    )
+    memory_budget_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Memory one training worker may spend on data, for format 'auto' "
+        "(None: a quarter of this machine's memory).",
+    )
+    shard_mb: float = Field(
+        128.0, gt=0, description="Stream format: target size of one Parquet shard, in MB of encoded images."
+    )
+    row_group_rows: int = Field(
+        256, ge=1, description="Stream format: rows per Parquet row group (the unit a reader fetches)."
+    )
+    shuffle_window: int = Field(
+        8,
+        ge=1,
+        description="Stream format: row groups mixed per shuffle window. Each epoch permutes the row "
+        "groups (seeded by train.seed + epoch), then the samples within each window of this many groups.",
+    )
+    stream_from: Literal["local", "remote"] = Field(
+        "local",
+        description="Stream format: read shards from the prepared folder ('local'), or straight from "
+        "the DVC remote's objects of the recorded version ('remote': S3, nothing downloaded first; "
+        "the folder need not exist on any node, only its .dvc/dvc.lock entry).",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint for an s3:// data.source (None: $AWS_ENDPOINT_URL_S3, "
+        "$AWS_ENDPOINT_URL, the default DVC remote's endpointurl, or AWS itself).",
+    )
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     scenes: dict[str, Any] = Field(
         default_factory=dict, description="Detection scene generator options (kind 'scenes')."
@@ -215,6 +251,13 @@ class TrainSpec(_Spec):
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: all CPUs).")
     checkpoint_every: int = Field(1, ge=1, description="Epochs between checkpoints.")
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Also checkpoint every this many optimiser steps within an epoch (None: only at "
+        "epoch ends). A run resumed from such a checkpoint continues the epoch at the exact sample "
+        "where it stopped, in the same order.",
+    )
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept (best by val_acc).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
     storage_path: str = Field(
@@ -342,7 +385,12 @@ class ServeSpec(_Spec):
     )
     max_batch_size: int = Field(32, ge=1, description="Dynamic batching: largest batch.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Dynamic batching: wait for more.")
-    max_ongoing_requests: int = Field(64, ge=1, description="Per replica; beyond it requests queue.")
+    max_ongoing_requests: int = Field(
+        256,
+        ge=1,
+        description="Per replica; beyond it requests queue. A slow client holds one until the ingress's "
+        "client timeout cuts it, so keep it above the slow connections the service must outlast.",
+    )
     max_queued_requests: int = Field(256, ge=-1, description="Queue bound; beyond it a fast 503.")
     max_body_bytes: int = Field(8_000_000, ge=1024, description="Request body limit (413 above).")
     max_images: int = Field(64, ge=1, description="Images per request.")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from scalelab.config.specs import DataSpec
 from scalelab.data import scenes, sources
-from scalelab.data.dataset import Dataset, DataVersion, read_prepared, write_prepared
+from scalelab.data.dataset import Dataset, DataVersion, write_prepared
 from scalelab.errors import DataError
 
 log = logging.getLogger("scalelab.data")
@@ -36,9 +36,90 @@ def prepared_path(spec: DataSpec) -> Path:
     return Path(spec.data_dir) / spec.name
 
 
+def memory_budget_mb(spec: DataSpec) -> float:
+    """What one worker may spend on data: ``data.memory_budget_mb``, else a quarter of this machine."""
+    if spec.memory_budget_mb:
+        return float(spec.memory_budget_mb)
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / 1e6
+
+
+def choose_format(spec: DataSpec, decoded_train_mb: float) -> tuple[str, str]:
+    """(``memory`` | ``stream``, the reason) for a train split of ``decoded_train_mb`` decoded."""
+    budget = memory_budget_mb(spec)
+    if spec.format != "auto":
+        return spec.format, f"data.format={spec.format} in the recipe"
+    if decoded_train_mb <= budget / 2:
+        return "memory", (
+            f"auto: the decoded train split ({decoded_train_mb:,.1f} MB) fits in half the worker "
+            f"memory budget ({budget:,.0f} MB)"
+        )
+    return "stream", (
+        f"auto: the decoded train split ({decoded_train_mb:,.1f} MB) exceeds half the worker memory "
+        f"budget ({budget:,.0f} MB): streaming shards"
+    )
+
+
+def _estimate_imagefolder_mb(spec: DataSpec) -> float:
+    """Decoded size of an image folder's train split, from the file count and a few headers."""
+    from scalelab.data.prepare_stream import list_source
+
+    files = list_source(spec)
+    size = spec.image_size
+    if size is None:
+        from PIL import Image
+
+        sides = []
+        for path in files.paths[:: max(1, len(files.paths) // 16)][:16]:
+            try:
+                if files.filesystem is None:
+                    with Image.open(path) as img:
+                        sides.append(min(img.size))
+                else:
+                    with files.filesystem.open_input_file(path) as f, Image.open(f) as img:
+                        sides.append(min(img.size))
+            except Exception:  # noqa: BLE001 - unreadable files are dealt with while preparing
+                continue
+        size = max(sides) if sides else 32
+    train_share = 1 - spec.val_fraction - spec.test_fraction
+    return len(files.paths) * train_share * size * size * (spec.channels or 3) / 1e6
+
+
 def prepare(spec: DataSpec) -> Path:
-    """Materialise the dataset into ``data_dir/name`` in the canonical form."""
-    return write_prepared(read_raw(spec), prepared_path(spec))
+    """Materialise the dataset into ``data_dir/name``: arrays (memory) or Parquet shards (stream).
+
+    The format (``data.format``; ``auto`` decides by size) and the reason are logged and kept in
+    ``metadata.json`` (``format_reason``).
+    """
+    from scalelab.data.shards import write_shards
+
+    out = prepared_path(spec)
+    if spec.kind == "imagefolder" and spec.format != "memory":
+        fmt, reason = choose_format(spec, _estimate_imagefolder_mb(spec) if spec.format == "auto" else 0)
+        if fmt == "stream":
+            from scalelab.data.prepare_stream import prepare_imagefolder_shards
+
+            log.warning("data format for %r: stream (%s)", spec.name, reason)
+            return _note_reason(prepare_imagefolder_shards(spec, out), reason)
+    ds = read_raw(spec)
+    fmt, reason = choose_format(spec, ds.splits["train"].x.nbytes / 1e6)
+    log.warning("data format for %r: %s (%s)", spec.name, fmt, reason)
+    if fmt == "stream":
+        return _note_reason(
+            write_shards(ds, out, spec.shard_mb, spec.row_group_rows, spec.split_seed), reason
+        )
+    return write_prepared(ds, out)  # metadata unchanged: existing versions keep their hash
+
+
+def _note_reason(path: Path, reason: str) -> Path:
+    import json
+
+    meta_path = path / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_reason"] = reason
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return path
 
 
 def load_dataset(
@@ -51,10 +132,14 @@ def load_dataset(
     deterministic, so the result matches dvc.lock when the recipe does); refused when it no longer
     matches what DVC recorded.
     """
-    from scalelab.data.versioning import load_data_version, resolve_data_version
+    from scalelab.data.versioning import load_data_version, read_any, resolve_data_version
 
     if version is not None:
         return load_data_version(version, local=prepared_path(spec))
+    if spec.stream_from == "remote":  # the recorded version, straight from the DVC remote
+        from scalelab.data.stream_source import load_remote_stream
+
+        return load_remote_stream(spec)
     path = prepared_path(spec)
     if not (path / "metadata.json").exists():
         if not prepare_if_missing:
@@ -73,6 +158,21 @@ def load_dataset(
         )
         prepare(spec)
     version = resolve_data_version(spec)
-    data = read_prepared(path)
+    data = read_any(path)
+    _check_format(spec, data, path)
     data.version = version
+    if getattr(data, "meta", {}).get("format") == "shards":
+        version.format, version.format_reason = "stream", data.meta.get("format_reason")
+    else:
+        version.format = "memory"
+        version.format_reason = choose_format(spec, data.splits["train"].x.nbytes / 1e6)[1]
     return data
+
+
+def _check_format(spec: DataSpec, data: Dataset, path: Path) -> None:
+    have = "stream" if getattr(data, "meta", {}).get("format") == "shards" else "memory"
+    if spec.format not in ("auto", have):
+        raise DataError(
+            f"{path} is prepared in the {have} format but the recipe asks for data.format={spec.format}; "
+            f"run `scalelab data prepare <recipe>` again (or set data.format=auto)"
+        )

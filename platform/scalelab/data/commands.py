@@ -45,18 +45,23 @@ def _repo_and_target(spec) -> tuple[Path, str]:
 def prepare(recipe: Recipe, overrides: Overrides = None, *, quiet: bool = False) -> Path:
     """Materialise the recipe's dataset into data_dir/name in the canonical form."""
     from scalelab.data import prepare as prepare_dataset
-    from scalelab.data import read_prepared
-    from scalelab.data.versioning import dvc_dir_hash
+    from scalelab.data.versioning import dvc_dir_hash, read_any
 
     with in_project(absolute(recipe)):
         path = absolute(prepare_dataset(_data_spec(absolute(recipe), overrides)))
     if quiet:
         return path
-    ds = read_prepared(path)
+    ds = read_any(path, verify=False)
     sizes = ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
+    meta = getattr(ds, "meta", None)
+    form = (
+        f"{sum(len(s) for s in meta['shards'].values())} Parquet shards ({meta['format_reason']})"
+        if meta
+        else "arrays (memory)"
+    )
     console.print(
         f"prepared {ds.name} -> {shown(path)}: {sizes}; {ds.num_classes} classes, "
-        f"{ds.image_size}x{ds.image_size}x{ds.channels}; md5 {dvc_dir_hash(path)}",
+        f"{ds.image_size}x{ds.image_size}x{ds.channels}; {form}; md5 {dvc_dir_hash(path)}",
         highlight=False,
     )
     if ds.source_report.get("skipped_count"):

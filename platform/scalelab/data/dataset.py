@@ -80,6 +80,9 @@ class DataVersion:
     remote: str | None = None  # URL of the DVC remote the data is pushed to
     path: str | None = None  # prepared folder, relative to the DVC repository root
     repo: str | None = None  # DVC repository (local root or git URL) to read ``rev`` from
+    # how training reads it, not which bytes (so not part of equality): "memory" or "stream", and why
+    format: str | None = field(default=None, compare=False)
+    format_reason: str | None = field(default=None, compare=False)
 
     @property
     def status(self) -> str:
@@ -95,6 +98,8 @@ class DataVersion:
             "data.rev": self.rev or "",
             "data.remote": self.remote or "",
             "data.path": self.path or "",
+            **({"data.format": self.format} if self.format else {}),
+            **({"data.format_reason": self.format_reason} if self.format_reason else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class TensorLoader:
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.drop_last = drop_last
+        self.skip_batches = 0  # batches of this epoch already consumed (resume, see start_at)
         self.mean, self.std = pixel_scale(mean, std)  # (1, C, 1, 1) each, in uint8 units
         self.sampler = DistributedSampler(
             _IndexSet(len(self.y)),
@@ -72,6 +73,16 @@ class TensorLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         self.generator.manual_seed(self.sampler.seed + 7919 * self.sampler.rank + epoch)
+        self.skip_batches = 0
+
+    def start_at(self, consumed: int) -> None:
+        """Resume the current epoch after ``consumed`` samples of this rank: the epoch's order is a
+        function of (seed, epoch), so the rest of it is exactly what an uninterrupted run would see."""
+        if consumed % self.batch_size:
+            raise ValueError(
+                f"resume position {consumed} is not a whole number of batches of {self.batch_size}"
+            )
+        self.skip_batches = consumed // self.batch_size
 
     def indices(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch."""
@@ -90,7 +101,7 @@ class TensorLoader:
 
     def __iter__(self):
         idx = self.indices().to(self.x.device)
-        for b in range(len(self)):
+        for b in range(self.skip_batches, len(self)):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.x[sel].float()
             if self.augment is not None:

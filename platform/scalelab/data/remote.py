@@ -151,3 +151,51 @@ def transfer(root: str | Path, direction: str, targets: list[str], remote: str |
     proc = run_dvc(args, cwd=root)
     lines = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
     return lines[-1] if lines else ""
+
+
+def s3_endpoint(explicit: str | None = None, root: str | Path | None = None) -> str | None:
+    """The S3 endpoint to use: ``explicit``, else ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL``,
+    else the default DVC remote's ``endpointurl`` (of the repository around ``root`` or the cwd)."""
+    import os
+
+    found = explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if found:
+        return found
+    from scalelab.data.versioning import find_dvc_root
+
+    repo = find_dvc_root(root or Path.cwd())
+    if repo is None:
+        return None
+    try:
+        return remote_settings(repo).endpoint_url
+    except DataError:
+        return None
+
+
+def s3_filesystem(endpoint_url: str | None = None, root: str | Path | None = None, attempts: int = 6):
+    """``(pyarrow.fs.S3FileSystem, endpoint)`` with the AWS environment's credentials, the endpoint
+    of :func:`s3_endpoint`, and retries with exponential backoff (AWS standard strategy). The object
+    pickles: Ray tasks and workers get the endpoint and credentials with it."""
+    import os
+
+    import pyarrow.fs
+
+    endpoint = s3_endpoint(endpoint_url, root)
+    kwargs: dict = {
+        "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+        "connect_timeout": 5,
+        "request_timeout": 30,
+    }
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        if not host:
+            scheme, host = "https", endpoint
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs.update(
+            access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"]
+        )
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return pyarrow.fs.S3FileSystem(**kwargs), endpoint

@@ -26,12 +26,18 @@ import yaml
 
 from scalelab.config.specs import DataSpec
 from scalelab.data.dataset import Dataset, DataVersion, file_digest, read_prepared
+from scalelab.data.shards import is_sharded, open_sharded
 from scalelab.errors import DataError
 
 CACHE_DIR = Path(".scalelab/data-cache")  # fetched versions, one folder per content hash
 
 
 # ----------------------------------------------------------------------------- hashing
+
+
+def read_any(path: str | Path, verify: bool = True) -> Dataset:
+    """A prepared dataset in either form: arrays (``*.npz``) or shards (``format: shards``)."""
+    return open_sharded(path, verify=verify) if is_sharded(path) else read_prepared(path, verify=verify)
 
 
 def md5_file(path: Path) -> str:
@@ -232,7 +238,7 @@ def verify_prepared(spec: DataSpec) -> dict[str, Any]:
     if not prepared.is_dir():
         raise DataError(f"no prepared dataset at {prepared}; run `scalelab data prepare` or `dvc pull`")
     try:
-        read_prepared(prepared, verify=True)
+        read_any(prepared, verify=True)
     except DataError as exc:
         problems.append(str(exc))
     current = dvc_dir_hash(prepared)
@@ -282,13 +288,13 @@ def load_data_version(version: DataVersion, local: str | Path | None = None) -> 
         candidates.append(Path(version.repo) / version.path)
     for path in candidates:
         if (path / "metadata.json").is_file() and dvc_dir_hash(path) == version.content_hash:
-            return _with_version(read_prepared(path), version)
+            return _with_version(read_any(path), version)
     cached = CACHE_DIR / version.content_hash
     if not (cached / "metadata.json").is_file():
         fetch_version(version, cached)
     if dvc_dir_hash(cached) != version.content_hash:
         raise DataError(f"cached copy {cached} does not hash to {version.content_hash}; delete it and retry")
-    return _with_version(read_prepared(cached), version)
+    return _with_version(read_any(cached), version)
 
 
 def _with_version(ds: Dataset, version: DataVersion) -> Dataset:

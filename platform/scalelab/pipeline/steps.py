@@ -245,10 +245,10 @@ def run_smoke(spec: RecipeSpec, outputs: dict[str, Any], max_images: int = 200) 
     """Held-out test images over HTTP (serve/smoke.py); fails when the answers are wrong."""
     import os
 
-    from scalelab.data.dataset import read_prepared
+    from scalelab.data.versioning import read_any
     from scalelab.serve.smoke import check_smoke, smoke_test
 
-    test = read_prepared(outputs["data"]["path"]).splits["test"]
+    test = read_any(outputs["data"]["path"]).splits["test"]
     offline = {k: v for k, v in outputs["train"].items() if k.startswith("test_") and v is not None}
     result = smoke_test(
         outputs["serve"]["url"], test, offline, os.environ.get(spec.serve.api_key_env), max_images

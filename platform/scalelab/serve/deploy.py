@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from scalelab.cluster.session import serve_ingress_env
 from scalelab.config.specs import ServeSpec
 from scalelab.errors import ConfigError
 from scalelab.serve.settings import ReplicaConfig, replica_config
@@ -152,6 +153,23 @@ def rayservice_manifest(spec: ServeSpec, target: str, tracking_uri: str | None) 
     }
 
 
+# The ingress settings a cluster's pods carry (serve_ingress_env minus what only matters when several
+# clusters share one machine: HAProxy's stats/metrics ports and socket folder, the short drain).
+PORTABLE_INGRESS_ENV = (
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",  # the header guard (serve/guard.py)
+    "RAY_SERVE_ENABLE_HA_PROXY",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+    "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S",
+)
+
+
+def ingress_env() -> dict[str, str]:
+    """Serve's ingress environment for a cluster of its own (pods, VMs): HAProxy unless
+    ``$SCALELAB_SERVE_INGRESS=proxy``. Set on every node (replicas serve HAProxy directly)."""
+    env = serve_ingress_env()
+    return {k: env[k] for k in PORTABLE_INGRESS_ENV if k in env}
+
+
 def _containers(spec: ServeSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     """The head container (no replicas: num-cpus 0 on the head) and a model-replica worker's."""
     env = [
@@ -160,7 +178,8 @@ def _containers(spec: ServeSpec) -> tuple[dict[str, Any], dict[str, Any]]:
             "valueFrom": {
                 "secretKeyRef": {"name": "scalelab-serve", "key": spec.api_key_env, "optional": True}
             },
-        }
+        },
+        *({"name": k, "value": v} for k, v in ingress_env().items()),
     ]
     env_from = [{"secretRef": {"name": "scalelab-s3"}}, {"secretRef": {"name": "scalelab-mlflow"}}]
     cpu = f"{spec.cpus_per_replica:g}"

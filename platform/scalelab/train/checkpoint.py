@@ -1,7 +1,8 @@
 """Training checkpoints: a model bundle (``artifacts.bundle``) plus what resuming needs.
 
   optimizer.safetensors + trainer_state.json   optimiser tensors, param groups, scheduler,
-                                               epoch, history, RNG states
+                                               epoch, history, RNG states, and for a
+                                               mid-epoch checkpoint the position in the epoch
 Safetensors and JSON only, never a pickle.
 """
 
@@ -55,7 +56,10 @@ def save_training_checkpoint(
     epoch: int,
     history: list[dict[str, Any]],
     meta: dict[str, Any],
+    position: dict[str, Any] | None = None,
 ) -> Path:
+    """``epoch``: epochs completed. ``position`` (mid-epoch checkpoints): ``{"epoch": index of the
+    epoch in progress, "consumed": samples each rank consumed of it, "world_size"}``."""
     out = save_model_bundle(model, out_dir, meta)
     tensors, info = _flatten_optimizer(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -63,6 +67,7 @@ def save_training_checkpoint(
     np_state = np.random.get_state()
     state = {
         "epoch": epoch,
+        "position": position,
         "history": history,
         "optimizer": info,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -95,3 +100,9 @@ def restore_training_checkpoint(
     npst = state["rng"]["numpy"]
     np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
     return int(state["epoch"]), list(state["history"])
+
+
+def read_position(path: str | Path) -> dict[str, Any] | None:
+    """Where in an epoch a mid-epoch checkpoint was taken (None for an epoch-end checkpoint)."""
+    state = json.loads((Path(path) / STATE).read_text())
+    return state.get("position")

@@ -12,7 +12,18 @@ from scalelab.config.specs import RecipeSpec
 from scalelab.data.dataset import Dataset
 from scalelab.train.loop import FitResult, fit
 
-CKPT_RE = re.compile(r"checkpoint_(\d{4,})$")
+# checkpoint_EEEE (after epoch E) or checkpoint_EEEE_SSSSSS (mid-epoch: step S of the next epoch);
+# names sort in training order
+CKPT_RE = re.compile(r"checkpoint_(\d{4,})(_\d{6,})?$")
+
+
+def checkpoint_name(metrics: dict[str, Any]) -> str:
+    epoch = int(metrics["epoch"])
+    return (
+        f"checkpoint_{epoch:04d}_{int(metrics['step']):06d}"
+        if metrics.get("mid_epoch")
+        else f"checkpoint_{epoch:04d}"
+    )
 
 
 class CheckpointKeeper:
@@ -31,7 +42,7 @@ class CheckpointKeeper:
         return ckpts[-1] if ckpts else None
 
     def save(self, src: str, epoch: int, metrics: dict[str, Any]) -> Path:
-        dest = self.run_dir / f"checkpoint_{epoch:04d}"
+        dest = self.run_dir / checkpoint_name({**metrics, "epoch": epoch})
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
@@ -66,7 +77,7 @@ def run_local(
     def report(metrics: dict[str, Any], ckpt_dir: str | None) -> None:
         if ckpt_dir is not None:
             keeper.save(ckpt_dir, int(metrics["epoch"]), metrics)
-        if on_epoch is not None:
+        if on_epoch is not None and not metrics.get("mid_epoch"):
             on_epoch(metrics)
 
     return fit(spec, data, report=report, resume_from=start, progress=progress)

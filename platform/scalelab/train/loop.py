@@ -25,11 +25,12 @@ from scalelab.artifacts.hardware import Runtime
 from scalelab.config.specs import RecipeSpec
 from scalelab.data.dataset import Dataset
 from scalelab.data.loader import TensorLoader, allowed_augment
+from scalelab.data.shards import StreamDataset
 from scalelab.errors import ConfigError
 from scalelab.models.detection_loss import detection_loss
 from scalelab.models.factory import build_model, count_params
 from scalelab.models.resnet import classification_loss
-from scalelab.train.checkpoint import restore_training_checkpoint, save_training_checkpoint
+from scalelab.train.checkpoint import read_position, restore_training_checkpoint, save_training_checkpoint
 from scalelab.train.detection import DetectionLoader
 from scalelab.train.progress import EpochProgress
 from scalelab.train.runtime import seed_everything, select_runtime, set_threads
@@ -163,9 +164,10 @@ def fit(
     loaders = build_loaders(spec, data, runtime, rank, world_size)
     scheduler = build_lr_scheduler(spec, optimizer, len(loaders.train))
 
-    start_epoch, history = 0, []
+    start_epoch, history, position = 0, [], None
     if resume_from is not None:
         start_epoch, history = restore_training_checkpoint(resume_from, model, optimizer, scheduler)
+        position = usable_position(read_position(resume_from), world_size)
     seed_everything(t.seed + rank + 1000 * start_epoch)  # resumed runs continue a fresh stream
 
     train_model: nn.Module = model
@@ -173,14 +175,37 @@ def fit(
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def step_checkpoint(epoch: int, steps: int, consumed: int, running: dict[str, float]) -> None:
+        """A mid-epoch checkpoint (``train.checkpoint_every_steps``) with this rank's position."""
+        metrics = {
+            **running,
+            "epoch": epoch,  # epochs completed; the position says how far into the next one
+            "step": steps,
+            "mid_epoch": 1,
+            "val_acc": history[-1].get("val_acc", 0.0) if history else 0.0,
+            "world_size": world_size,
+        }
+        where = {"epoch": epoch, "consumed": consumed, "world_size": world_size}
+        with tempfile.TemporaryDirectory(prefix="scalelab-ckpt-") as tmp:
+            if rank == 0:
+                meta = bundle_meta(spec, data, runtime)
+                save_training_checkpoint(
+                    tmp, model, optimizer, scheduler, epoch, history, meta, position=where
+                )
+            report(metrics, tmp if rank == 0 else None)
+
+    on_step = step_checkpoint if report is not None and t.checkpoint_every_steps else None
     val = None
     for epoch in range(start_epoch, t.epochs):
+        skip = position["consumed"] if position is not None and position["epoch"] == epoch else 0
         metrics = train_one_epoch(
-            spec, train_model, loaders.train, optimizer, scheduler, runtime, epoch, progress
+            spec, train_model, loaders.train, optimizer, scheduler, runtime, epoch, progress, skip, on_step
         )
         val = evaluate_model(model, loaders.val, data.num_classes, runtime)
         metrics.update(val.as_metrics("val"))
         metrics.update(epoch=epoch + 1, params=params, world_size=world_size, resumed_from=start_epoch)
+        if skip:
+            metrics["resumed_at_sample"] = skip
         history.append(metrics)
         if report is not None:
             checkpoint = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
@@ -199,17 +224,36 @@ def fit(
     return FitResult(model, history, test, val, runtime, params, start_epoch)
 
 
+def usable_position(position: dict[str, Any] | None, world_size: int) -> dict[str, Any] | None:
+    """A mid-epoch position applies only to the world size that wrote it (the epoch plan is cut
+    into one part per rank); another world size restarts that epoch from its beginning."""
+    if position is None or position.get("world_size") == world_size:
+        return position
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "checkpoint was taken mid-epoch with %s workers, this run has %s: epoch %s restarts from its "
+        "beginning",
+        position.get("world_size"),
+        world_size,
+        position["epoch"] + 1,
+    )
+    return None
+
+
 @dataclass
 class Loaders:
-    train: TensorLoader
-    val: TensorLoader
-    test: TensorLoader
+    train: Any  # TensorLoader, DetectionLoader, or a streaming loader (scalelab.data.stream)
+    val: Any
+    test: Any
 
 
 def build_loaders(spec: RecipeSpec, data: Dataset, runtime: Runtime, rank: int, world_size: int) -> Loaders:
     """Train (this rank's shard, augmented, shuffled), val and test loaders."""
     t = spec.train
     micro = per_worker_batch(t.batch_size, world_size, t.grad_accum_steps)
+    if isinstance(data, StreamDataset):
+        return Loaders(*stream_loaders(spec, data, runtime, rank, world_size, micro))
     detection = spec.model.task == "detection"  # boxes in, mAP out; the rest of the loop is shared
     Loader = DetectionLoader if detection else TensorLoader  # noqa: N806
     loader_args = dict(
@@ -232,6 +276,48 @@ def build_loaders(spec: RecipeSpec, data: Dataset, runtime: Runtime, rank: int, 
         Loader(data.splits["val"], 256, rank=rank, world_size=world_size, **loader_args),
         Loader(data.splits["test"], 256, rank=rank, world_size=world_size, **loader_args),
     )
+
+
+def stream_loaders(
+    spec: RecipeSpec, data: StreamDataset, runtime: Runtime, rank: int, world_size: int, micro: int
+):
+    """Loaders over shards: the train epoch plan read by Ray Data (in a Ray Train worker) or in this
+    process; val/test split by row group across ranks, each sample counted once."""
+    from scalelab.config.settings import runtime_settings
+    from scalelab.data.stream import EvalLoader, PlanLoader, RayDataLoader, StreamConfig
+
+    if spec.model.task != "classification":
+        raise ConfigError("data.format=stream supports classification only for now; set data.format=memory")
+    d = spec.data
+
+    def config(split: str, augment=None) -> StreamConfig:
+        return StreamConfig(
+            data.source,
+            data.meta["shards"][split],
+            int(data.meta["row_group_rows"]),
+            data.channels,
+            data.mean,
+            data.std,
+            augment,
+            spec.train.seed,
+        )
+
+    where = dict(device=runtime.device, channels_last=runtime.channels_last)
+    Train = RayDataLoader if getattr(data, "reader", "local") == "ray" else PlanLoader  # noqa: N806
+    train = Train(
+        config("train", allowed_augment(d.augment, data.hflip_ok)),
+        micro,
+        window=d.shuffle_window,
+        rank=rank,
+        world_size=world_size,
+        sample_log=runtime_settings().sample_log,
+        **where,
+    )
+    evals = [
+        EvalLoader(data.splits[s], config(s), rank=rank, world_size=world_size, **where)
+        for s in ("val", "test")
+    ]
+    return train, *evals
 
 
 def build_lr_scheduler(spec: RecipeSpec, optimizer: torch.optim.Optimizer, micro_batches: int):
@@ -267,18 +353,26 @@ def train_one_epoch(
     runtime: Runtime,
     epoch: int,
     progress: EpochProgress | None = None,
+    skip: int = 0,
+    on_step: Callable[[int, int, int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
+    """One epoch (or its rest: ``skip`` samples of this rank were consumed before a resume).
+    ``on_step(epoch, steps, consumed, running metrics)`` runs every ``train.checkpoint_every_steps``
+    optimiser steps, except at the epoch's end (the epoch checkpoint covers that)."""
     t = spec.train
     detection = spec.model.task == "detection"
     model.train()
     loader.set_epoch(epoch)
+    if skip:
+        loader.start_at(skip)
+    consumed, steps = skip, skip // max(1, loader.batch_size * t.grad_accum_steps)
     # running sums stay on the device: an .item() per step would sync the GPU every step
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), dtype=torch.long, device=runtime.device)
     seen = 0
     _, world_size = world()
     if progress is not None:
-        progress.start(epoch + 1, t.epochs, len(loader))
+        progress.start(epoch + 1, t.epochs, len(loader) - skip // max(1, loader.batch_size))
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
@@ -293,12 +387,18 @@ def train_one_epoch(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            steps += 1
+        consumed += len(y)
         loss_sum += loss.detach() * len(y)
         if not detection:
             correct += (outputs[0].detach().argmax(1) == y).sum()
         seen += len(y)
         if progress is not None:
             progress.advance(len(y) * world_size)
+        end = consumed >= len(loader) * loader.batch_size
+        if on_step is not None and last_micro and steps % t.checkpoint_every_steps == 0 and not end:
+            running = {"train_loss": loss_sum.item() / max(1, seen), "lr": optimizer.param_groups[0]["lr"]}
+            on_step(epoch, steps, consumed, running)
     if progress is not None:
         progress.finish()
     if runtime.device.type == "cuda":

@@ -89,7 +89,8 @@ def resolve_data_path(spec: RecipeSpec, data_version: DataVersion | None = None)
 
 
 def parse_fault(text: str | None) -> dict[str, Any] | None:
-    """The testing-only ``SCALELAB_FAULT_INJECT`` setting ("rank=R,epoch=E,marker=PATH"), parsed."""
+    """The testing-only ``SCALELAB_FAULT_INJECT`` setting ("rank=R,epoch=E,marker=PATH[,step=S]"),
+    parsed."""
     if not text:
         return None
     fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
@@ -97,6 +98,7 @@ def parse_fault(text: str | None) -> dict[str, Any] | None:
         "rank": int(fields.get("rank", 1)),
         "epoch": int(fields.get("epoch", 1)),
         "marker": fields["marker"],
+        "step": int(fields["step"]) if "step" in fields else None,
     }
 
 
@@ -144,6 +146,8 @@ def build_torch_trainer(
         "data_version": data_version.to_dict() if data_version else None,
         "tracking": tracking.to_dict() if tracking is not None else None,
         "fault": parse_fault(settings.fault_inject),
+        "stream_source": stream_source_config(spec, data_version),
+        "sample_log": settings.sample_log,
         "submitted_at": time.time(),
         "progress": progress,
     }
@@ -161,16 +165,42 @@ def build_torch_trainer(
     )
 
 
+def stream_source_config(spec: RecipeSpec, data_version: DataVersion | None) -> dict[str, Any] | None:
+    """Where workers stream shards from when they are not on this machine's disk: the DVC remote's
+    objects of ``data_version`` (``data.stream_from: remote``); None: the prepared folder."""
+    if spec.data.stream_from != "remote" or data_version is None:
+        return None
+    from scalelab.data.stream_source import remote_shards_config
+
+    return remote_shards_config(data_version, spec.data.endpoint_url)
+
+
 def _load_worker_data(config: dict[str, Any], spec: RecipeSpec):
     from scalelab.data.catalog import load_dataset
-    from scalelab.data.dataset import read_prepared
+    from scalelab.data.shards import StreamDataset
+    from scalelab.data.versioning import read_any
 
     path = Path(config["data_path"])
-    # Another node may not have the driver's folder: prepare it there (seeded, so identical splits).
-    data = read_prepared(path) if (path / "metadata.json").is_file() else load_dataset(spec.data)
+    if config.get("stream_source"):  # shards read where the driver resolved them (e.g. S3)
+        from scalelab.data.stream_source import open_remote_shards
+
+        data = open_remote_shards(config["stream_source"])
+    elif (path / "metadata.json").is_file():
+        # shards were verified on the driver; each worker reads only its plan's row groups
+        data = read_any(path, verify=False) if _sharded(path) else read_any(path)
+    else:  # another node may not have the driver's folder: prepare it there (seeded: same splits)
+        data = load_dataset(spec.data)
+    if isinstance(data, StreamDataset):
+        data.reader = "ray"  # the train split's epoch plan runs as Ray Data tasks
     if config.get("data_version"):
         data.version = DataVersion(**config["data_version"])
     return data
+
+
+def _sharded(path: Path) -> bool:
+    from scalelab.data.shards import is_sharded
+
+    return is_sharded(path)
 
 
 def quiet_train_report_log() -> None:
@@ -200,6 +230,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if spec.train.threads is None:  # never more torch threads than the CPUs Ray reserved for us
         spec.train.threads = max(1, int(spec.train.cpus_per_worker))
     rank = ray.train.get_context().get_world_rank()
+    if config.get("sample_log"):  # testing only: the driver's setting, for this worker's loaders
+        os.environ["SCALELAB_SAMPLE_LOG"] = config["sample_log"]
     data = _load_worker_data(config, spec)
     device = None
     if spec.train.use_gpu:
@@ -243,6 +275,13 @@ def _epoch_reporter(rank: int, timing: dict[str, Any], epoch_logger: Any):
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         epoch = int(metrics["epoch"])
+        if metrics.get("mid_epoch"):  # train.checkpoint_every_steps: a checkpoint, no epoch line
+            ray.train.report(
+                {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None,
+                checkpoint_dir_name=f"checkpoint_{epoch:04d}_{int(metrics['step']):06d}",
+            )
+            return
         timing["reports"].append(time.time())
         timing.setdefault("first_epoch_reported", time.time())
         timing.setdefault("first_epoch_seconds", float(metrics["epoch_seconds"]))
@@ -290,7 +329,8 @@ def _exit_after_epoch(report, rank: int, fault: dict[str, Any]):
 
     def report_then_exit(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         report(metrics, checkpoint_dir)
-        if int(metrics["epoch"]) == fault["epoch"] and not os.path.exists(fault["marker"]):
+        at_step = metrics.get("step") == fault["step"] if fault.get("step") else not metrics.get("mid_epoch")
+        if int(metrics["epoch"]) == fault["epoch"] and at_step and not os.path.exists(fault["marker"]):
             Path(fault["marker"]).write_text(f"rank {rank} exited after epoch {fault['epoch']}\n")
             os._exit(1)
 

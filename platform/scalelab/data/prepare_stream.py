@@ -1,0 +1,292 @@
+"""Preparing an image folder (local or an S3 prefix) into shards, in parallel on Ray.
+
+The driver lists the files (``root/<class>/<file>``), splits them (seeded, stratified, as the
+in-memory path does) and hands chunks of files to Ray tasks; each task reads, validates, makes
+square (``data.image_size``, ``data.channels``) and PNG-encodes its images, and returns them with
+the per-channel sums for mean/std. The driver writes the shards as results arrive (at most a few
+chunks in flight: bounded memory) and prints images/s and an ETA.
+
+When ``image_size`` or ``channels`` is not given, a first pass reads every image to find the most
+common shorter side and whether any is colour (set both in the recipe to skip that pass).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scalelab.config.specs import DataSpec
+from scalelab.data.dataset import SPLITS, stratified_split
+from scalelab.data.shards import FORMAT, ShardWriter, _finish, _start, encode_png
+from scalelab.data.sources import IMAGE_SUFFIXES, _class_folders, _fit_square, _image_files, _open_image
+from scalelab.errors import DataError
+
+log = logging.getLogger(__name__)
+CHUNK = 128  # files per Ray task
+IN_FLIGHT = 8  # chunks submitted ahead of the writer
+
+
+@dataclass
+class SourceFiles:
+    """The image files of an image folder: paths (for ``filesystem``), labels, class names."""
+
+    where: str
+    paths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    filesystem: Any = None  # pyarrow S3FileSystem for s3:// sources, None for local files
+
+
+def list_source(spec: DataSpec) -> SourceFiles:
+    if not spec.source:
+        raise DataError("data.source must point at the imagefolder root (root/<class>/*.png or s3://...)")
+    if spec.source.startswith("s3://"):
+        return _list_s3(spec)
+    root = Path(spec.source)
+    paths, labels = [], []
+    folders = _class_folders(root)
+    for label, folder in enumerate(folders):
+        files = _image_files(folder)
+        if not files:
+            raise DataError(f"class folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        paths += [str(p) for p in files]
+        labels += [label] * len(files)
+    return SourceFiles(str(root), paths, np.asarray(labels, np.int64), [f.name for f in folders])
+
+
+def _list_s3(spec: DataSpec) -> SourceFiles:
+    import pyarrow.fs
+
+    from scalelab.data.remote import s3_filesystem
+
+    fs, endpoint = s3_filesystem(spec.endpoint_url)
+    prefix = spec.source[len("s3://") :].rstrip("/")
+    where = f"{spec.source} (S3 endpoint {endpoint or 'AWS'})"
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True))
+    except FileNotFoundError as exc:
+        bucket = prefix.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+            raise DataError(f"{where}: bucket {bucket!r} does not exist") from exc
+        raise DataError(
+            f"{where} is empty (no objects under it); upload root/<class>/<image> objects or fix data.source"
+        ) from exc
+    except OSError as exc:
+        if "NO_SUCH_BUCKET" in str(exc):
+            raise DataError(f"{where}: bucket {prefix.split('/', 1)[0]!r} does not exist") from exc
+        raise DataError(f"cannot list {where}: {exc}. Check the endpoint, bucket and credentials") from exc
+    by_class: dict[str, list[str]] = {}
+    for info in infos:
+        if info.type != pyarrow.fs.FileType.File:
+            continue
+        rel = info.path[len(prefix) + 1 :].split("/")
+        if len(rel) < 2 or any(p.startswith(".") for p in rel):
+            continue
+        if Path(rel[-1]).suffix.lower() in IMAGE_SUFFIXES:
+            by_class.setdefault(rel[0], []).append(info.path)
+    if not by_class:
+        raise DataError(
+            f"{where} holds no images under <class>/ folders ({', '.join(IMAGE_SUFFIXES)}); "
+            f"upload root/<class>/<image> objects or fix data.source"
+        )
+    if len(by_class) < 2:
+        raise DataError(f"{where} has a single class folder ({next(iter(by_class))}); need at least two")
+    classes = sorted(by_class)
+    paths = [p for c in classes for p in sorted(by_class[c])]
+    labels = np.asarray([i for i, c in enumerate(classes) for _ in by_class[c]], np.int64)
+    return SourceFiles(spec.source, paths, labels, classes, fs)
+
+
+def _read(fs: Any, path: str):
+    if fs is None:
+        raw = Path(path).read_bytes()
+    else:
+        with fs.open_input_file(path) as f:
+            raw = f.read()
+    return _open_image(io.BytesIO(raw))
+
+
+def _bad(path: str, exc: BaseException, on_bad_file: str) -> str:
+    if on_bad_file == "error":
+        raise DataError(
+            f"cannot read image {path}: {type(exc).__name__}: {exc}. Fix or delete the file, or set "
+            f"data.on_bad_file=skip to skip unreadable images"
+        )
+    log.warning("skipping unreadable image %s (%s)", path, exc)
+    return path
+
+
+def survey_chunk(fs: Any, paths: list[str], on_bad_file: str) -> list[tuple[int, bool] | None]:
+    """(shorter side, is colour) of each image; None for a skipped unreadable one."""
+    out: list[tuple[int, bool] | None] = []
+    for p in paths:
+        try:
+            img = _read(fs, p)
+            out.append((min(img.size), img.mode == "RGB"))
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types
+            _bad(p, exc, on_bad_file)
+            out.append(None)
+    return out
+
+
+def encode_chunk(
+    fs: Any, paths: list[str], ids: list[int], labels: list[int], size: int, mode: str, on_bad_file: str
+) -> dict[str, Any]:
+    """Read, square and PNG-encode a chunk; rows, skipped files and channel sums (for mean/std)."""
+    rows, skipped = [], []
+    c = 3 if mode == "RGB" else 1
+    sums, sq, pixels = np.zeros(c), np.zeros(c), 0
+    for p, i, y in zip(paths, ids, labels, strict=True):
+        try:
+            arr = _fit_square(_read(fs, p).convert(mode), size)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            skipped.append(_bad(p, exc, on_bad_file))
+            continue
+        arr = arr if arr.ndim == 3 else arr[..., None]
+        flat = arr.reshape(-1, c).astype(np.float64) / 255.0
+        sums += flat.sum(0)
+        sq += (flat**2).sum(0)
+        pixels += len(flat)
+        rows.append((i, y, encode_png(arr)))
+    return {"rows": rows, "skipped": skipped, "sums": sums, "sq": sq, "pixels": pixels}
+
+
+def _run_chunks(fn: Callable, args: list[tuple], progress: Callable[[int], None]) -> Any:
+    """Run ``fn(*a)`` for every ``a`` as Ray tasks, at most IN_FLIGHT ahead; yields results in order."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2)(fn)
+    pending: list[Any] = []
+    for a in args:
+        pending.append(task.remote(*a))
+        if len(pending) >= IN_FLIGHT:
+            out = ray.get(pending.pop(0))
+            progress(len(a[1]))
+            yield out
+    for ref, a in zip(pending, args[len(args) - len(pending) :], strict=True):
+        out = ray.get(ref)
+        progress(len(a[1]))
+        yield out
+
+
+class _Progress:
+    def __init__(self, what: str, total: int, stream=sys.stderr) -> None:
+        self.what, self.total, self.done = what, total, 0
+        self.start = self.last = time.perf_counter()
+        self.stream = stream
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= 2.0 or self.done >= self.total:
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            self.stream.write(
+                f"{self.what}: {self.done}/{self.total} images, {rate:,.0f} img/s, ETA {eta:.0f}s\n"
+            )
+            self.stream.flush()
+            self.last = now
+
+
+def prepare_imagefolder_shards(spec: DataSpec, out_dir: str | Path) -> Path:
+    """``spec.source`` (local folder or s3:// prefix) -> shards in ``out_dir``, on Ray."""
+    import ray
+
+    from scalelab.cluster.session import connect_ray
+
+    files = list_source(spec)
+    started = False if ray.is_initialized() else connect_ray()
+    try:
+        return _prepare(spec, files, Path(out_dir))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _prepare(spec: DataSpec, files: SourceFiles, out_dir: Path) -> Path:
+    fs, n = files.filesystem, len(files.paths)
+    fs_ref = fs  # pyarrow filesystems pickle (endpoint and credentials travel with them)
+    size, channels = spec.image_size, spec.channels
+    skipped: list[str] = []
+    if size is None or channels is None:
+        chunks = [(fs_ref, files.paths[i : i + CHUNK], spec.on_bad_file) for i in range(0, n, CHUNK)]
+        seen = [s for out in _run_chunks(survey_chunk, chunks, _Progress("survey", n)) for s in out]
+        ok = [s for s in seen if s is not None]
+        if not ok:
+            raise DataError(f"{files.where}: every image was unreadable")
+        size = size or Counter(s[0] for s in ok).most_common(1)[0][0]
+        channels = channels or (3 if any(s[1] for s in ok) else 1)
+    mode = "RGB" if channels == 3 else "L"
+
+    test_idx, val_idx, train_idx = stratified_split(
+        files.labels, (spec.test_fraction, spec.val_fraction), spec.split_seed
+    )
+    out, tmp = _start(out_dir)
+    index: dict[str, list[dict[str, Any]]] = {}
+    stats = [np.zeros(channels), np.zeros(channels), 0]
+    progress = _Progress("prepare", n)
+    for name, idx in zip(SPLITS, (train_idx, val_idx, test_idx), strict=True):
+        idx = idx[np.random.default_rng([spec.split_seed, SPLITS.index(name)]).permutation(len(idx))]
+        writer = ShardWriter(tmp, name, int(spec.shard_mb * 1e6), spec.row_group_rows)
+        chunks = [
+            (
+                fs_ref,
+                [files.paths[i] for i in idx[c : c + CHUNK]],
+                idx[c : c + CHUNK].tolist(),
+                files.labels[idx[c : c + CHUNK]].tolist(),
+                size,
+                mode,
+                spec.on_bad_file,
+            )
+            for c in range(0, len(idx), CHUNK)
+        ]
+        for res in _run_chunks(encode_chunk, chunks, progress):
+            for row in res["rows"]:
+                writer.add(*row)
+            skipped += res["skipped"]
+            if name == "train":
+                stats[0] += res["sums"]
+                stats[1] += res["sq"]
+                stats[2] += res["pixels"]
+        index[name] = writer.close()
+        if not index[name]:
+            raise DataError(f"the {name} split of {files.where} is empty after skipping unreadable files")
+    mean = stats[0] / max(stats[2], 1)
+    std = np.sqrt(np.maximum(stats[1] / max(stats[2], 1) - mean**2, 0))
+    rel = [p[len(files.where.rstrip("/")) + 1 :] if p.startswith(files.where) else p for p in skipped]
+    meta = {
+        "name": spec.name,
+        "task": "classification",
+        "classes": files.classes,
+        "num_classes": len(files.classes),
+        "shape": [size, size, channels],
+        "image_size": int(size),
+        "channels": int(channels),
+        "mean": mean.round(6).tolist(),
+        "std": np.maximum(std, 1e-6).round(6).tolist(),
+        "hflip_ok": True,
+        "split_sizes": {k: sum(s["rows"] for s in v) for k, v in index.items()},
+        "source": {
+            "files": n,
+            "skipped_count": len(skipped),
+            "skipped": sorted(rel),
+            "image_size": int(size),
+        },
+        "format": FORMAT,
+        "shards": index,
+        "row_group_rows": spec.row_group_rows,
+    }
+    return _finish(tmp, out, meta)

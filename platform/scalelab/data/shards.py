@@ -1,0 +1,356 @@
+"""The sharded prepared form: Parquet shards of encoded images, for datasets larger than memory.
+
+``data/<name>/`` holds ``metadata.json`` (as the in-memory form, plus ``"format": "shards"`` and a
+per-split shard index) and ``<split>/shard-NNNNN.parquet`` files. Each row is one sample:
+
+  id     int64   sample id, unique within the dataset (the source file's index in sorted order)
+  label  int64   class index
+  image  binary  PNG bytes of the image, already square, ``image_size`` px, ``channels`` channels
+
+Why Parquet: Ray Data, pyarrow and every query engine read it natively, from local disk or S3, and
+row groups (``data.row_group_rows`` rows) give readers a unit they can fetch alone: a rank reads
+exactly the rows its epoch plan names (:mod:`scalelab.data.stream`). PNG keeps the bytes identical
+to the in-memory form (lossless), so both forms train on the same pixels.
+
+Rows are written in a seeded random order (never class by class), so each row group already
+mixes classes; per-epoch shuffling on top of it is cheap (see :mod:`scalelab.data.stream`).
+Writing is deterministic (no timestamps): the same source gives the same bytes and DVC hash.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scalelab.data.dataset import SPLITS, Dataset, Split, sha256_file
+from scalelab.errors import DataError
+
+FORMAT = "shards"
+COLUMNS = ("id", "label", "image")
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """uint8 (H, W, C) -> PNG bytes (deterministic: no timestamps or text chunks)."""
+    from PIL import Image
+
+    arr = img[..., 0] if img.shape[-1] == 1 else img
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def decode_png(raw: bytes, channels: int) -> np.ndarray:
+    """PNG bytes -> uint8 (H, W, C); raises whatever PIL raises for a corrupt image."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as img:
+        img.load()
+        arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Writes one split's rows into shards of about ``target_bytes`` of encoded images each."""
+
+    def __init__(self, root: Path, split: str, target_bytes: int, row_group_rows: int) -> None:
+        self.root, self.split = root, split
+        self.target_bytes, self.row_group_rows = target_bytes, row_group_rows
+        self.shards: list[dict[str, Any]] = []
+        self._writer = None
+        self._bytes = 0
+        self._rows = 0
+        self._pending: list[tuple[int, int, bytes]] = []
+        (root / split).mkdir(parents=True, exist_ok=True)
+
+    def add(self, sample_id: int, label: int, image: bytes) -> None:
+        self._pending.append((int(sample_id), int(label), image))
+        if len(self._pending) >= self.row_group_rows:
+            self._flush_group()
+
+    def _flush_group(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._pending:
+            return
+        ids, labels, images = zip(*self._pending, strict=True)
+        self._pending = []
+        table = pa.table(
+            {
+                "id": pa.array(ids, pa.int64()),
+                "label": pa.array(labels, pa.int64()),
+                "image": pa.array(images, pa.binary()),
+            }
+        )
+        if self._writer is None:
+            name = f"{self.split}/shard-{len(self.shards):05d}.parquet"
+            self.shards.append({"file": name, "rows": 0, "row_groups": 0, "image_bytes": 0})
+            # no compression: PNG is compressed already; no statistics on the image column
+            self._writer = pq.ParquetWriter(
+                str(self.root / name), table.schema, compression="none", write_statistics=["id", "label"]
+            )
+        self._writer.write_table(table, row_group_size=len(ids))
+        size = sum(len(b) for b in images)
+        shard = self.shards[-1]
+        shard["rows"] += len(ids)
+        shard["row_groups"] += 1
+        shard["image_bytes"] += size
+        self._bytes += size
+        if self._bytes >= self.target_bytes:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            shard = self.shards[-1]
+            path = self.root / shard["file"]
+            shard.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+        self._bytes = 0
+
+    def close(self) -> list[dict[str, Any]]:
+        self._flush_group()
+        self._close_shard()
+        return self.shards
+
+
+def write_shards(
+    ds: Dataset, out_dir: str | Path, shard_mb: float, row_group_rows: int, seed: int = 0
+) -> Path:
+    """Write an in-memory :class:`Dataset` in the sharded form (atomically, like ``write_prepared``).
+
+    Sample ids are positions in the split as read (train 0.., then val, then test, offset so ids
+    are unique across splits); rows go to the shards in a seeded random order.
+    """
+    if ds.task != "classification":
+        raise DataError(
+            f"data.format=stream supports classification datasets only for now; {ds.name!r} is "
+            f"{ds.task}: set data.format=memory"
+        )
+    out, tmp = _start(out_dir)
+    index: dict[str, list[dict[str, Any]]] = {}
+    offset = 0
+    for name in SPLITS:
+        split = ds.splits[name]
+        writer = ShardWriter(tmp, name, int(shard_mb * 1e6), row_group_rows)
+        order = np.random.default_rng([seed, SPLITS.index(name)]).permutation(len(split))
+        for i in order:
+            writer.add(offset + int(i), int(split.y[i]), encode_png(split.x[i]))
+        index[name] = writer.close()
+        offset += len(split)
+    meta = {**ds.metadata(), "format": FORMAT, "shards": index, "row_group_rows": row_group_rows}
+    return _finish(tmp, out, meta)
+
+
+def _start(out_dir: str | Path) -> tuple[Path, Path]:
+    import shutil
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return out, tmp
+
+
+def _finish(tmp: Path, out: Path, meta: dict[str, Any]) -> Path:
+    import shutil
+
+    meta["checksums"] = {s["file"]: s["sha256"] for shards in meta["shards"].values() for s in shards}
+    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ShardSplit:
+    """One split of a sharded dataset: its shard index, decoded in full only when ``x``/``y`` are
+    asked for (evaluation of a bundle, demo samples); training streams it instead."""
+
+    name: str
+    shards: list[dict[str, Any]]
+    source: ShardSource
+    channels: int
+    _decoded: Split | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return sum(int(s["rows"]) for s in self.shards)
+
+    def ids(self) -> np.ndarray:
+        return np.concatenate([self.source.read_columns(s, ["id"])["id"] for s in self.shards])
+
+    def decoded(self) -> Split:
+        if self._decoded is None:
+            xs, ys = [], []
+            for shard in self.shards:
+                cols = self.source.read_columns(shard, ["id", "label", "image"])
+                xs.append(decode_rows(cols, self.channels, shard["file"]))
+                ys.append(cols["label"])
+            self._decoded = Split(np.concatenate(xs), np.concatenate(ys).astype(np.int64))
+        return self._decoded
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.decoded().x
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.decoded().y
+
+    @property
+    def has_boxes(self) -> bool:
+        return False
+
+
+def decode_rows(cols: dict[str, Any], channels: int, where: str) -> np.ndarray:
+    """Decode the ``image`` column -> uint8 (N, H, W, C); a corrupt image names its shard and id."""
+    out = []
+    for sid, raw in zip(cols["id"], cols["image"], strict=True):
+        try:
+            out.append(decode_png(raw, channels))
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
+            raise DataError(
+                f"corrupt image (sample id {int(sid)}) in shard {where}: {type(exc).__name__}: {exc}. "
+                f"The shard changed after preparing: run `dvc checkout` / `scalelab data prepare` again"
+            ) from exc
+    return np.stack(out)
+
+
+@dataclass
+class ShardSource:
+    """Where a sharded dataset's files are: a local folder, or objects on S3 (``urls`` maps each
+    shard's relative path to its object, e.g. DVC's content-addressed ``files/md5/xx/yyyy``)."""
+
+    root: str
+    filesystem: Any = None  # pyarrow.fs.FileSystem for S3, None for local files
+    urls: dict[str, str] = field(default_factory=dict)
+
+    def locate(self, relpath: str) -> str:
+        return self.urls.get(relpath) or str(Path(self.root) / relpath)
+
+    def open(self, shard: dict[str, Any]):
+        import pyarrow.parquet as pq
+
+        where = self.locate(shard["file"])
+        try:
+            if self.filesystem is None:
+                return pq.ParquetFile(where)
+            return pq.ParquetFile(self.filesystem.open_input_file(where))
+        except FileNotFoundError as exc:
+            raise DataError(
+                f"shard {shard['file']} is missing ({where}); run `dvc pull` / `dvc checkout` or "
+                f"`scalelab data prepare` again"
+            ) from exc
+        except OSError as exc:
+            raise DataError(f"cannot read shard {shard['file']} at {where}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - pyarrow: not a Parquet file (truncated, replaced)
+            raise DataError(
+                f"shard {shard['file']} at {where} is not a readable Parquet file ({exc}); "
+                f"run `dvc checkout` / `scalelab data prepare` again"
+            ) from exc
+
+    def read_columns(
+        self, shard: dict[str, Any], columns: list[str], row_groups: list[int] | None = None
+    ) -> dict[str, Any]:
+        """Columns of a shard (or of some of its row groups) as numpy arrays / lists of bytes."""
+        pf = self.open(shard)
+        try:
+            table = pf.read(columns) if row_groups is None else pf.read_row_groups(row_groups, columns)
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(
+                f"cannot read shard {shard['file']} ({self.locate(shard['file'])}): {exc}"
+            ) from exc
+        out: dict[str, Any] = {}
+        for c in columns:
+            col = table.column(c)
+            out[c] = col.to_pylist() if c == "image" else col.to_numpy()
+        return out
+
+
+def verify_shards(root: Path, meta: dict[str, Any]) -> None:
+    """Every shard of the index is present and matches its sha256 (local folders)."""
+    for split, shards in meta["shards"].items():
+        for shard in shards:
+            path = root / shard["file"]
+            if not path.is_file():
+                raise DataError(
+                    f"shard {path} ({split}) is missing; run `dvc pull` / `dvc checkout {root}` or "
+                    f"`scalelab data prepare` again"
+                )
+            if sha256_file(path) != shard["sha256"]:
+                raise DataError(
+                    f"shard {path} does not match its checksum in {root / 'metadata.json'}: it changed "
+                    f"after preparing; run `dvc checkout {root}` or `scalelab data prepare` again"
+                )
+
+
+def is_sharded(path: str | Path) -> bool:
+    meta = Path(path) / "metadata.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("format") == FORMAT
+
+
+@dataclass
+class StreamDataset(Dataset):
+    """A sharded dataset: the same metadata as :class:`Dataset`, splits read from shards."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: ShardSource | None = None
+    reader: str = "local"  # "ray": the train epoch plan runs as Ray Data tasks (in Ray Train workers)
+
+    @property
+    def channels(self) -> int:
+        return int(self.meta["channels"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    def metadata(self) -> dict[str, Any]:
+        keep = ("name", "task", "classes", "num_classes", "shape", "image_size", "channels", "mean", "std")
+        return {
+            **{k: self.meta[k] for k in keep},
+            "hflip_ok": self.hflip_ok,
+            "split_sizes": {k: len(v) for k, v in self.splits.items()},
+            "format": FORMAT,
+            **({"source": self.source_report} if self.source_report else {}),
+        }
+
+
+def open_sharded(root: str | Path, verify: bool = True, source: ShardSource | None = None) -> StreamDataset:
+    """A sharded dataset from its folder (``metadata.json`` + shards), checksums verified."""
+    root = Path(root)
+    meta = json.loads((root / "metadata.json").read_text())
+    if source is None:
+        if verify:
+            verify_shards(root, meta)
+        source = ShardSource(str(root.resolve()))
+    return stream_dataset(meta, source)
+
+
+def stream_dataset(meta: dict[str, Any], source: ShardSource) -> StreamDataset:
+    channels = int(meta["channels"])
+    splits = {name: ShardSplit(name, meta["shards"][name], source, channels) for name in SPLITS}
+    return StreamDataset(
+        name=meta["name"],
+        splits=splits,  # type: ignore[arg-type]  # ShardSplit reads like Split
+        classes=list(meta["classes"]),
+        mean=meta["mean"],
+        std=meta["std"],
+        task=meta.get("task", "classification"),
+        hflip_ok=meta.get("hflip_ok", True),
+        source_report=meta.get("source", {}),
+        meta=meta,
+        source=source,
+    )

@@ -1,0 +1,361 @@
+"""Streaming a sharded dataset to training: a deterministic per-epoch plan, read by Ray Data.
+
+Ray Data's iterators cannot resume mid-epoch (ray-project/ray#37633), so the order of an epoch is
+ours, computed from ``(seed, epoch)`` alone:
+
+1. the split's row groups (``data.row_group_rows`` rows each, across all shards) are permuted;
+2. consecutive windows of ``data.shuffle_window`` row groups have their samples permuted;
+3. the resulting sequence is cut into ``world_size`` contiguous parts, one per rank, each trimmed
+   to whole micro-batches (drop_last: every rank takes the same number of steps).
+
+Each rank reads only its part (reads are per window: a few row groups of a few shards). Resuming
+after ``k`` consumed samples is dropping the first ``k`` entries of the rank's part: no sample is
+seen twice, none skipped. Augmentation is seeded per window, so a resumed epoch even repeats the
+same crops and flips.
+
+Shuffle quality: samples are written to shards in a seeded random order (prepare), so every row
+group already mixes classes; per epoch a sample moves to a random row-group position and is mixed
+within a window of ``shuffle_window x row_group_rows`` samples (2,048 by default). Neighbouring
+batches therefore share row groups more often than under a full shuffle -- fine for SGD with
+class-mixed row groups (the accuracy test checks it against the in-memory full shuffle).
+
+Two executions of the same plan: :class:`PlanLoader` decodes in this process (``train.workers=0``,
+pure pyarrow + PIL), :class:`RayDataLoader` turns the plan's windows into a Ray Data dataset whose
+``map_batches`` tasks read, decode, augment and normalise (CPU nodes feed the GPU workers), read
+back in plan order (``preserve_order``) with ``iter_torch_batches``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from scalelab.artifacts.preprocess import normalise_tensor, pixel_scale
+from scalelab.config.specs import AugmentSpec
+from scalelab.data.shards import ShardSource, ShardSplit, decode_rows
+
+EVAL_BATCH = 256
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Window:
+    """Samples of a few row groups in a fixed order: ``groups`` [(shard, row group)], ``order``
+    indexes the concatenation of their rows."""
+
+    groups: list[tuple[int, int]]
+    order: np.ndarray
+
+    def part(self, start: int, stop: int) -> Window:
+        return Window(self.groups, self.order[start:stop])
+
+
+def row_groups(shards: list[dict[str, Any]], row_group_rows: int) -> list[tuple[int, int, int]]:
+    """(shard index, row group index, rows) of every row group of a split, in file order."""
+    out = []
+    for s, shard in enumerate(shards):
+        rows = int(shard["rows"])
+        for g in range(int(shard["row_groups"])):
+            out.append((s, g, min(row_group_rows, rows - g * row_group_rows)))
+    return out
+
+
+def epoch_windows(
+    shards: list[dict[str, Any]], row_group_rows: int, seed: int, epoch: int, window: int
+) -> list[Window]:
+    """The whole split's order for an epoch: permuted row groups, samples mixed per window."""
+    rng = np.random.default_rng([seed, epoch, 0x5CA1E])
+    groups = row_groups(shards, row_group_rows)
+    perm = rng.permutation(len(groups))
+    out = []
+    for w in range(0, len(perm), window):
+        chosen = [groups[i] for i in perm[w : w + window]]
+        n = sum(rows for _, _, rows in chosen)
+        chosen.sort()  # read order: shard by shard (see read_window)
+        out.append(Window([(s, g) for s, g, _ in chosen], rng.permutation(n)))
+    return out
+
+
+@dataclass
+class RankPlan:
+    """One rank's part of one epoch: ``windows`` (sliced to the part), ``samples`` in all."""
+
+    epoch: int
+    windows: list[Window]
+    samples: int
+    start: int = 0  # samples consumed before this plan starts (resume)
+
+
+def rank_plan(
+    shards: list[dict[str, Any]],
+    row_group_rows: int,
+    *,
+    seed: int,
+    epoch: int,
+    window: int,
+    rank: int,
+    world_size: int,
+    batch: int,
+    skip: int = 0,
+) -> RankPlan:
+    """Rank ``rank``'s contiguous part of the epoch, whole micro-batches only, minus the first
+    ``skip`` samples (already consumed before a resume)."""
+    windows = epoch_windows(shards, row_group_rows, seed, epoch, window)
+    total = sum(len(w.order) for w in windows)
+    per_rank = total // world_size
+    samples = (per_rank // batch) * batch
+    if samples == 0:
+        from scalelab.errors import DataError
+
+        raise DataError(
+            f"the training split has {total} samples: too few for {world_size} worker(s) x a micro-batch "
+            f"of {batch}; lower train.batch_size or train.workers"
+        )
+    lo, hi = rank * per_rank + skip, rank * per_rank + samples
+    part, pos = [], 0
+    for w in windows:
+        a, b = pos, pos + len(w.order)
+        pos = b
+        if b <= lo or a >= hi:
+            continue
+        part.append(w.part(max(lo, a) - a, min(hi, b) - a))
+    return RankPlan(epoch, part, samples, start=skip)
+
+
+# ----------------------------------------------------------------------------- reading a window
+
+
+def read_window(source: ShardSource, shards: list[dict[str, Any]], win: Window, channels: int):
+    """A window's samples in its order: (ids (N,), labels (N,), images uint8 (N, H, W, C))."""
+    by_shard: dict[int, list[int]] = {}
+    for s, g in win.groups:  # sorted by (shard, group): one read per shard, concatenated in order
+        by_shard.setdefault(s, []).append(g)
+    ids, labels, raws, files = [], [], [], []
+    for s, gs in by_shard.items():
+        cols = source.read_columns(shards[s], ["id", "label", "image"], row_groups=gs)
+        ids.append(cols["id"])
+        labels.append(cols["label"])
+        raws.extend(cols["image"])
+        files.append(shards[s]["file"])
+    sel = win.order
+    picked_ids = np.concatenate(ids)[sel]
+    x = decode_rows({"id": picked_ids, "image": [raws[i] for i in sel]}, channels, " or ".join(files))
+    return picked_ids, np.concatenate(labels)[sel].astype(np.int64), x
+
+
+def to_batch(
+    x: np.ndarray, mean: list[float], std: list[float], augment: AugmentSpec | None, seed: list[int]
+):
+    """uint8 (N, H, W, C) -> normalised float (N, C, H, W), augmented with a seeded generator."""
+    from scalelab.data.loader import augment_batch
+
+    t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float()
+    if augment is not None:
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        t = augment_batch(t, augment, gen)
+    return normalise_tensor(t, *pixel_scale(mean, std))
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+@dataclass
+class StreamConfig:
+    """Everything a reader needs, small and picklable (it travels into Ray Data tasks)."""
+
+    source: ShardSource
+    shards: list[dict[str, Any]]
+    row_group_rows: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+    augment: AugmentSpec | None = None
+    seed: int = 0
+
+
+def decode_window(cfg: StreamConfig, win: Window, epoch: int, rank: int, index: int) -> dict[str, np.ndarray]:
+    ids, labels, x = read_window(cfg.source, cfg.shards, win, cfg.channels)
+    seed = [cfg.seed, epoch, rank, index, int(win.order[0]) if len(win.order) else 0]
+    t = to_batch(x, cfg.mean, cfg.std, cfg.augment, seed)
+    return {"x": t.numpy(), "y": labels, "id": ids}
+
+
+class _StreamLoaderBase:
+    """The loader interface ``fit`` uses: ``set_epoch``, ``start_at``, ``len``, iteration."""
+
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        batch_size: int,
+        *,
+        window: int,
+        rank: int,
+        world_size: int,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        sample_log: str | None = None,
+    ) -> None:
+        self.cfg, self.batch_size, self.window = cfg, batch_size, window
+        self.rank, self.world_size = rank, world_size
+        self.device, self.channels_last = torch.device(device), channels_last
+        self.epoch, self.skip = 0, 0
+        self.sample_log = sample_log
+        self.consumed = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.skip = epoch, 0
+
+    def start_at(self, consumed: int) -> None:
+        """Resume the current epoch after ``consumed`` samples of this rank (whole micro-batches)."""
+        if consumed % self.batch_size:
+            raise ValueError(f"resume position {consumed} is not a whole number of micro-batches")
+        self.skip = consumed
+
+    def plan(self) -> RankPlan:
+        return rank_plan(
+            self.cfg.shards,
+            self.cfg.row_group_rows,
+            seed=self.cfg.seed,
+            epoch=self.epoch,
+            window=self.window,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch=self.batch_size,
+            skip=self.skip,
+        )
+
+    def __len__(self) -> int:
+        total = sum(int(s["rows"]) for s in self.cfg.shards)
+        return (total // self.world_size) // self.batch_size
+
+    def _emit(self, x: torch.Tensor, y: torch.Tensor, ids: np.ndarray, position: int):
+        if self.sample_log:
+            with open(self.sample_log, "a") as f:
+                f.write(
+                    json.dumps(
+                        {
+                            "pid": os.getpid(),
+                            "rank": self.rank,
+                            "epoch": self.epoch,
+                            "start": position,
+                            "ids": ids.tolist(),
+                        }
+                    )
+                    + "\n"
+                )
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def batches(self, plan: RankPlan) -> Iterator[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def __iter__(self):
+        plan = self.plan()
+        position = plan.start
+        buf: list[dict[str, np.ndarray]] = []
+        held = 0
+        for block in self.batches(plan):
+            buf.append(block)
+            held += len(block["y"])
+            while held >= self.batch_size:
+                merged = {k: np.concatenate([b[k] for b in buf]) for k in buf[0]}
+                b = self.batch_size
+                yield self._emit(
+                    torch.from_numpy(merged["x"][:b]),
+                    torch.from_numpy(merged["y"][:b]),
+                    merged["id"][:b],
+                    position,
+                )
+                position += b
+                buf = [{k: v[b:] for k, v in merged.items()}]
+                held -= b
+
+
+class PlanLoader(_StreamLoaderBase):
+    """The epoch plan decoded in this process (the in-process path, and unit tests)."""
+
+    def batches(self, plan: RankPlan) -> Iterator[dict[str, np.ndarray]]:
+        for i, win in enumerate(plan.windows):
+            yield decode_window(self.cfg, win, plan.epoch, self.rank, i)
+
+
+class RayDataLoader(_StreamLoaderBase):
+    """The epoch plan as a Ray Data dataset: one ``map_batches`` task per window reads, decodes and
+    augments; ``iter_torch_batches`` hands the batches back in plan order."""
+
+    def __iter__(self):
+        import ray.data
+
+        plan = self.plan()
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the plan's order is the epoch's order
+        items = [
+            {"item": json.dumps({"i": i, "groups": w.groups, "order": w.order.tolist()})}
+            for i, w in enumerate(plan.windows)
+        ]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        # tasks, not an actor pool: no actor start-up every epoch; Ray Data scales them to the CPUs
+        ds = ds.map_batches(
+            decode_windows, fn_kwargs={"cfg": self.cfg, "epoch": plan.epoch, "rank": self.rank}, batch_size=1
+        )
+        position = plan.start
+        for batch in ds.iter_torch_batches(batch_size=self.batch_size, drop_last=False, prefetch_batches=2):
+            yield self._emit(batch["x"], batch["y"], batch["id"].numpy(), position)
+            position += len(batch["y"])
+
+
+def decode_windows(
+    batch: dict[str, np.ndarray], cfg: StreamConfig, epoch: int, rank: int
+) -> dict[str, np.ndarray]:
+    """A Ray Data ``map_batches`` function: window descriptions in, decoded samples out."""
+    out = []
+    for raw in batch["item"]:
+        d = json.loads(raw)
+        win = Window([tuple(g) for g in d["groups"]], np.asarray(d["order"], dtype=np.int64))
+        out.append(decode_window(cfg, win, epoch, rank, d["i"]))
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+class EvalLoader:
+    """Every sample of a split exactly once across ranks: rank r takes row groups r, r + W, ...
+    (no padding, so summed metrics count each sample once)."""
+
+    def __init__(
+        self,
+        split: ShardSplit,
+        cfg: StreamConfig,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int = EVAL_BATCH,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+    ) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.batch_size, self.device, self.channels_last = batch_size, torch.device(device), channels_last
+        groups = row_groups(split.shards, cfg.row_group_rows)
+        self.mine = [(s, g) for i, (s, g, _) in enumerate(groups) if i % world_size == rank]
+        self.rows = sum(n for i, (_, _, n) in enumerate(groups) if i % world_size == rank)
+
+    def __len__(self) -> int:
+        return math.ceil(self.rows / self.batch_size)
+
+    def __iter__(self):
+        for s, g in self.mine:
+            n = row_groups([self.cfg.shards[s]], self.cfg.row_group_rows)[g][2]
+            out = decode_window(self.cfg, Window([(s, g)], np.arange(n)), 0, self.rank, 0)
+            for b in range(0, n, self.batch_size):
+                x = torch.from_numpy(out["x"][b : b + self.batch_size])
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x.to(self.device), torch.from_numpy(out["y"][b : b + self.batch_size]).to(self.device)

@@ -1,0 +1,187 @@
+"""The sharded form and its epoch plan, without Ray: exactly-once per epoch, exact resume, bad shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scalelab.config.specs import DataSpec
+from scalelab.data.catalog import choose_format
+from scalelab.data.dataset import Dataset, Split
+from scalelab.data.shards import open_sharded, write_shards
+from scalelab.data.stream import EvalLoader, PlanLoader, StreamConfig, rank_plan
+from scalelab.errors import DataError
+
+
+def tiny_dataset(n: int = 300, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    x = (rng.integers(0, 60, (n, 8, 8, 1)) + 60 * y[:, None, None, None]).astype(np.uint8)
+    parts = {"train": slice(0, 200), "val": slice(200, 250), "test": slice(250, n)}
+    splits = {k: Split(x[s], y[s].astype(np.int64)) for k, s in parts.items()}
+    return Dataset(name="tiny", splits=splits, classes=["a", "b", "c"])
+
+
+@pytest.fixture()
+def shards(tmp_path: Path) -> Path:
+    return write_shards(tiny_dataset(), tmp_path / "tiny", shard_mb=0.004, row_group_rows=16)
+
+
+def config(ds, split: str = "train") -> StreamConfig:
+    return StreamConfig(ds.source, ds.meta["shards"][split], 16, 1, ds.mean, ds.std)
+
+
+def ids_of(loader) -> list[int]:
+    out: list[int] = []
+    loader.sample_log = None
+    plan = loader.plan()
+    for block in loader.batches(plan):
+        out += block["id"].tolist()
+    return out[: plan.samples - plan.start]
+
+
+def test_shards_keep_pixels_and_are_deterministic(tmp_path: Path, shards: Path):
+    ds = open_sharded(shards)
+    meta = json.loads((shards / "metadata.json").read_text())
+    assert meta["format"] == "shards" and len(meta["shards"]["train"]) > 1  # several shards
+    assert {s["row_groups"] for s in meta["shards"]["train"]} != {0}
+    mem = tiny_dataset()
+    got = ds.splits["test"]
+    order = np.argsort(got.ids())
+    assert np.array_equal(got.x[order], mem.splits["test"].x)  # lossless: the same pixels
+    assert np.array_equal(got.y[order], mem.splits["test"].y)
+    again = write_shards(tiny_dataset(), tmp_path / "again", shard_mb=0.004, row_group_rows=16)
+    for f in meta["checksums"]:
+        assert (again / f).read_bytes() == (shards / f).read_bytes()  # same data, same DVC hash
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_epoch_plan_gives_each_sample_once_across_ranks(shards: Path, world_size: int):
+    ds = open_sharded(shards)
+    epochs = []
+    for epoch in (0, 1):
+        seen: list[int] = []
+        for rank in range(world_size):
+            loader = PlanLoader(config(ds), 8, window=2, rank=rank, world_size=world_size)
+            loader.set_epoch(epoch)
+            mine = ids_of(loader)
+            assert len(mine) == len(loader) * 8  # every rank takes the same number of steps
+            seen += mine
+        assert len(seen) == len(set(seen))  # nobody sees a sample twice
+        assert 200 - len(seen) < world_size * 8  # only the remainder that fills no batch is left out
+        assert set(seen) <= set(range(200))
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a new order every epoch
+
+
+def test_resume_continues_the_plan_at_the_exact_sample(shards: Path):
+    ds = open_sharded(shards)
+    full = PlanLoader(config(ds), 8, window=3, rank=1, world_size=2)
+    full.set_epoch(4)
+    whole = ids_of(full)
+    resumed = PlanLoader(config(ds), 8, window=3, rank=1, world_size=2)
+    resumed.set_epoch(4)
+    resumed.start_at(40)
+    assert ids_of(resumed) == whole[40:]
+    # the batches themselves (decoded + augmented) match too
+    plan = rank_plan(ds.meta["shards"]["train"], 16, seed=0, epoch=4, window=3, rank=1, world_size=2, batch=8)
+    assert plan.samples == len(whole)
+
+
+def test_eval_loader_counts_every_sample_once(shards: Path):
+    ds = open_sharded(shards)
+    total = 0
+    for rank in range(3):
+        loader = EvalLoader(ds.splits["val"], config(ds, "val"), rank=rank, world_size=3, batch_size=7)
+        total += sum(len(y) for _, y in loader)
+    assert total == 50
+
+
+def test_bad_shards_fail_naming_the_shard(shards: Path):
+    meta = json.loads((shards / "metadata.json").read_text())
+    first = shards / meta["shards"]["train"][0]["file"]
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    first.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard .*shard-00000\.parquet does not match its checksum"):
+        open_sharded(shards)
+    first.unlink()
+    with pytest.raises(DataError, match=r"shard-00000\.parquet .*is missing"):
+        open_sharded(shards)
+
+
+def test_corrupt_image_inside_a_shard_names_shard_and_sample(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = write_shards(tiny_dataset(), tmp_path / "tiny", shard_mb=1, row_group_rows=16)
+    meta = json.loads((root / "metadata.json").read_text())
+    path = root / meta["shards"]["val"][0]["file"]
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    images[3] = images[3][:20]  # a truncated PNG
+    table = table.set_column(2, "image", pa.array(images, pa.binary()))
+    pq.write_table(table, path, row_group_size=16)
+    ds = open_sharded(root, verify=False)
+    bad_id = table.column("id")[3].as_py()
+    with pytest.raises(DataError, match=rf"corrupt image \(sample id {bad_id}\) in shard val/shard-00000"):
+        list(EvalLoader(ds.splits["val"], config(ds, "val"), rank=0, world_size=1))
+
+
+def test_auto_format_streams_what_does_not_fit():
+    spec = DataSpec(memory_budget_mb=100)
+    assert choose_format(spec, 40)[0] == "memory"
+    fmt, reason = choose_format(spec, 60)
+    assert fmt == "stream" and "60.0 MB" in reason and "100 MB" in reason
+    assert choose_format(DataSpec(format="stream"), 1)[0] == "stream"
+
+
+class Crash(Exception):
+    pass
+
+
+def test_fit_resumes_mid_epoch_exactly_once(tmp_path: Path, shards: Path, monkeypatch):
+    """In-process: a run stops right after a mid-epoch checkpoint; the resumed run consumes the
+    rest of that epoch, so the epoch's samples are the planned ones, each once."""
+    import shutil
+
+    from scalelab.config.specs import RecipeSpec
+    from scalelab.train.loop import fit
+
+    ds = open_sharded(shards)
+    spec = RecipeSpec.model_validate(
+        {
+            "name": "tiny",
+            "model": {"variant": "msresnet_tiny"},
+            "data": {"shuffle_window": 2},
+            "train": {"epochs": 2, "batch_size": 16, "threads": 1, "checkpoint_every_steps": 4},
+        }
+    )
+    saved = tmp_path / "ckpt"
+
+    def crash_at_step_4_of_epoch_2(metrics, ckpt):
+        if metrics.get("mid_epoch") and metrics["epoch"] == 1 and metrics["step"] == 4:
+            shutil.copytree(ckpt, saved)
+            raise Crash
+
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(first))
+    with pytest.raises(Crash):
+        fit(spec, ds, report=crash_at_step_4_of_epoch_2)
+    monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(second))
+    result = fit(spec, ds, report=lambda m, c: None, resume_from=saved)
+    assert result.history[-1]["epoch"] == 2 and result.history[-1]["resumed_at_sample"] == 64
+
+    def rows(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    before = [r for r in rows(first) if r["epoch"] == 1]
+    after = [r for r in rows(second) if r["epoch"] == 1]
+    assert after[0]["start"] == 64 and all(r["start"] < 64 for r in before)
+    epoch_ids = [i for r in before + after for i in r["ids"]]
+    planned = PlanLoader(config(ds), 16, window=2, rank=0, world_size=1)
+    planned.set_epoch(1)
+    assert epoch_ids == ids_of(planned)  # every planned sample once, in the planned order

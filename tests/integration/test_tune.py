@@ -77,9 +77,16 @@ def test_search_tracks_trials_and_writes_a_best_recipe_that_trains(workdir, ray_
     assert len(csv_lines) == 5 and csv_lines[0].startswith("rank,trial_id,status,val_acc")
     assert outcome.best is not None and outcome.best["status"] == "completed"
     assert outcome.test_acc is not None and 0 <= outcome.test_acc <= 1
+    # model.scales is searched: search.match defaults to params, every trial within 5% of the base
+    target = {r["match_target"] for r in trials}
+    assert len(target) == 1 and all(abs(r["params"] / r["match_target"] - 1) <= 0.05 for r in trials)
+    assert all(abs(r["match_ratio"] - 1) <= 0.05 and r["match.widths"] for r in trials)
+    assert "match.widths" in csv_lines[0] and "match_ratio" in csv_lines[0]
+    assert json.loads((outcome.search_dir / "search.json").read_text())["match"] == "params"
 
     best = load_recipe(outcome.best_yaml, ["train.epochs=1"])
     assert best.model.scales == outcome.best["model.scales"] and best.model.head == outcome.best["model.head"]
+    assert best.model.widths == outcome.best["match.widths"]  # best.yaml trains the matched model
     assert best.train.lr == pytest.approx(outcome.best["train.lr"])
     assert best.train.epochs == 1 and not best.search.space
     trained = run_training(best, run_name="from-best")
@@ -88,12 +95,14 @@ def test_search_tracks_trials_and_writes_a_best_recipe_that_trains(workdir, ray_
     client = MlflowClient(tracking_uri)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["scalelab.kind"] == "search"
+    assert parent.data.params["search.match"] == "params"
     children = children_of(client, spec.tracking.experiment, outcome.parent_run_id)
     assert len(children) == 4
     assert {c.data.tags["scalelab.trial_id"] for c in children} == {r["trial_id"] for r in trials}
     for child in children:
         assert child.info.status == "FINISHED"
         assert "search.model.scales" in child.data.params and "model.depths" in child.data.params
+        assert child.data.params["model.widths"] == child.data.params["search.match.widths"]
         assert len(client.get_metric_history(child.info.run_id, "val_acc")) >= 1
     tagged = [c for c in children if c.data.tags.get("scalelab.best_trial") == "true"]
     assert [c.data.tags["scalelab.trial_id"] for c in tagged] == [outcome.best["trial_id"]]

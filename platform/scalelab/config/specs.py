@@ -126,6 +126,19 @@ class AugmentSpec(_Spec):
     crop_padding: int = Field(0, ge=0, description="Random crop after zero-padding by this many px.")
     hflip: bool = Field(False, description="Random horizontal flip (never for digits).")
     random_erasing: float = Field(0.0, ge=0, le=1, description="Probability of random erasing.")
+    rescale: list[float] | None = Field(
+        None,
+        description="Mixed-resolution training: [low, high]; each image is resampled by a factor drawn "
+        "from that range (below 1: downsampled and resized back; above 1: enlarged and centre-cropped), "
+        "e.g. [0.5, 1.0]. None: off.",
+    )
+
+    @field_validator("rescale")
+    @classmethod
+    def _check_rescale(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 2 or not 0 < v[0] <= v[1] <= 4):
+            raise ValueError(f"rescale must be [low, high] with 0 < low <= high <= 4, got {v}")
+        return v
 
 
 class DataSpec(_Spec):
@@ -324,6 +337,14 @@ class SearchSpec(_Spec):
     mode: Literal["max", "min"] = Field("max", description="Maximise or minimise the metric.")
     max_params: int | None = Field(None, ge=1, description="Never launch configs with more params.")
     max_flops: int | None = Field(None, ge=1, description="Never launch configs with more FLOPs/image.")
+    match: Literal["params", "flops", "none"] | None = Field(
+        None,
+        description="Keep every trial within +-5% of the base recipe's model budget (parameters or "
+        "forward FLOPs per image) by scaling its stage widths, so searched shapes (scales, depths) "
+        "compare at equal cost; the matched figure is a column of the results table. Default (null): "
+        "'params' when model.scales is searched and no width key (model.widths, model.base_width) is, "
+        "else 'none'.",
+    )
     trial_mode: Literal["local", "workers"] = Field(
         "local", description="'local': loop in the trial process; 'workers': a TorchTrainer per trial."
     )

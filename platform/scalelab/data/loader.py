@@ -11,6 +11,7 @@ from torch.utils.data import DistributedSampler
 from scalelab.artifacts.preprocess import normalise_tensor, pixel_scale
 from scalelab.config.specs import AugmentSpec
 from scalelab.data.dataset import Split
+from scalelab.data.resolution import random_rescale
 
 
 class _IndexSet(torch.utils.data.Dataset):
@@ -119,9 +120,12 @@ def allowed_augment(aug: AugmentSpec | None, hflip_ok: bool) -> AugmentSpec | No
 
 
 def augment_batch(x: torch.Tensor, aug: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with padding, horizontal flip, random erasing, on a float batch (B, C, H, W)."""
+    """Resolution mix, random crop with padding, horizontal flip, random erasing, on a float batch
+    (B, C, H, W)."""
     b, _, h, w = x.shape
     dev = x.device
+    if aug.rescale is not None:
+        x = random_rescale(x, *aug.rescale, gen)
     if aug.crop_padding:
         p = aug.crop_padding
         padded = torch.nn.functional.pad(x, (p, p, p, p))

@@ -30,10 +30,10 @@ class DetectionLoader(TensorLoader):
             raise ConfigError(
                 "model.task is 'detection' but the dataset has no boxes; use data.kind scenes or coco"
             )
-        if augment is not None and (augment.crop_padding or augment.random_erasing):
+        if augment is not None and (augment.crop_padding or augment.random_erasing or augment.rescale):
             raise ConfigError(
-                "detection supports only data.augment.hflip; crop_padding and random_erasing would "
-                "move or hide objects without moving their boxes: set them to 0"
+                "detection supports only data.augment.hflip; crop_padding, random_erasing and rescale "
+                "would move or hide objects without moving their boxes: set them to 0 / null"
             )
         self.flip = bool(augment is not None and augment.hflip and kw.get("shuffle"))
         super().__init__(split, batch_size, mean, std, augment=None, **kw)

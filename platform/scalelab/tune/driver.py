@@ -22,7 +22,7 @@ from scalelab.cluster.session import connect_ray
 from scalelab.config.loader import dump_recipe, flatten, load_recipe, spec_hash
 from scalelab.config.specs import RecipeSpec, SearchSpec
 from scalelab.errors import ConfigError
-from scalelab.tune.space import Screen, decode_config, validate_space
+from scalelab.tune.space import MATCHED_WIDTHS, Screen, decode_config, resolve_match, validate_space
 
 log = logging.getLogger("scalelab.tune")
 DEFAULT_OUTPUT_DIR = SearchSpec().output_dir
@@ -184,6 +184,7 @@ def _start_parent_run(spec: RecipeSpec, name: str, search_dir: Path) -> dict[str
         params = {
             k: v for k, v in flatten(spec.model_dump(mode="json")).items() if not k.startswith("search.space")
         }
+        params["search.match"] = resolve_match(spec.search)  # the default, resolved
         params.update(
             {
                 f"search.space.{k}": json.dumps(v.model_dump(exclude_none=True))
@@ -277,6 +278,7 @@ def _screened_searcher(search, base: dict[str, Any], data, search_dir: Path, poi
         data.image_size,
         search.max_params,
         search.max_flops,
+        resolve_match(search),
     )
     return ScreenedSearcher(
         build_inner_searcher(search, points),
@@ -347,6 +349,7 @@ def _rows(spec: RecipeSpec, grid, search_dir: Path) -> tuple[list[dict[str, Any]
                 "params": metrics.get("params") or cost.get("params"),
                 "flops": cost.get("flops"),
                 "startup_s": rec.get("startup_s"),
+                **{k: cost[k] for k in ("match_target", "match_ratio") if k in cost},
                 **values,
                 "reason": str(result.error).splitlines()[-1][:300] if result.error else "",
                 "config": result.config,
@@ -424,7 +427,7 @@ def _finish(spec, name, search_dir, grid, data, tracking, started, console, quie
     best = pick_best(rows, search.metric, search.mode)
     best_yaml, test_acc = None, None
     if best is not None:
-        values = {k: best[k] for k in search.space if k in best}
+        values = {k: best[k] for k in [*search.space, MATCHED_WIDTHS] if k in best}
         if best.get("checkpoint"):
             try:
                 test_acc = evaluate_checkpoint(best["checkpoint"], data, spec)
@@ -433,7 +436,9 @@ def _finish(spec, name, search_dir, grid, data, tracking, started, console, quie
                 log.warning("could not evaluate the best trial's checkpoint %s: %s", best["checkpoint"], exc)
         note = f"Best of search {name}: trial {best['trial_id']}, {search.metric}={best[search.metric]:.4f}."
         best_yaml = dump_recipe(best_recipe(spec, values, note), search_dir / "best.yaml")
-    csv_path = write_results_csv(rows, list(search.space), search_dir / "results.csv", search.metric)
+    match = resolve_match(search)
+    shown_keys = [*search.space, *([MATCHED_WIDTHS] if match != "none" else [])]
+    csv_path = write_results_csv(rows, shown_keys, search_dir / "results.csv", search.metric)
     plots = plot_search(rows, search.space, search.metric, search_dir)
     wall = time.perf_counter() - started
     summary = {
@@ -446,12 +451,14 @@ def _finish(spec, name, search_dir, grid, data, tracking, started, console, quie
         "best_" + search.metric: best[search.metric] if best else None,
         "best_test_acc": test_acc,
         "parent_run_id": tracking["parent_run_id"] if tracking else None,
+        "match": match,
+        "match_target": next((r["match_target"] for r in rows if r.get("match_target")), None),
     }
     (search_dir / "search.json").write_text(json.dumps(summary, indent=2))
     if tracking:
         _finish_tracking(tracking, search_dir, name, rows, best, summary, [csv_path, *plots, best_yaml])
     if not quiet:
-        print_summary(console, rows, list(search.space), search.metric)
+        print_summary(console, rows, shown_keys, search.metric, match=match)
         _print_outcome(console, summary, best, best_yaml, search_dir, tracking, search.metric)
     return SearchOutcome(
         name,

@@ -179,7 +179,9 @@ def _plot_parallel_coordinates(
 DROP_ORDER = ("startup s", "epochs", "trial", "params")
 
 
-def summary_table(rows: list[dict[str, Any]], space_keys: list[str], metric: str, drop: tuple = ()):
+def summary_table(
+    rows: list[dict[str, Any]], space_keys: list[str], metric: str, drop: tuple = (), match: str = "none"
+):
     from rich.table import Table
 
     colours = {"completed": "green", "stopped": "yellow", "error": "red", "pruned": "magenta"}
@@ -194,10 +196,18 @@ def summary_table(rows: list[dict[str, Any]], space_keys: list[str], metric: str
             f"{r['startup_s']:.2f}" if isinstance(r.get("startup_s"), (int, float)) else "-"
         ),
     }
+    if match != "none":  # the matched figure, against the base recipe's budget
+        columns[f"{match} vs base"] = lambda rank, r: (
+            f"{r['match_ratio'] - 1:+.1%}" if isinstance(r.get("match_ratio"), (int, float)) else "-"
+        )
     for key in space_keys:
         columns[key.split(".", 1)[-1]] = lambda rank, r, key=key: _cell(r.get(key))
     shown = [c for c in columns if c not in drop]
-    table = Table(title=f"search results (by {metric})", show_lines=False)
+    title = f"search results (by {metric})"
+    if match != "none":
+        target = next((r["match_target"] for r in rows if r.get("match_target")), None)
+        title += f", widths matched to the base {match}" + (f" ({target:,})" if target else "")
+    table = Table(title=title, show_lines=False)
     for col in shown:
         table.add_column(col, justify="left" if col in ("trial", "status") else "right", no_wrap=True)
     for rank, r in enumerate(rows, 1):
@@ -206,7 +216,12 @@ def summary_table(rows: list[dict[str, Any]], space_keys: list[str], metric: str
 
 
 def print_summary(
-    console, rows: list[dict[str, Any]], space_keys: list[str], metric: str, limit: int = 12
+    console,
+    rows: list[dict[str, Any]],
+    space_keys: list[str],
+    metric: str,
+    limit: int = 12,
+    match: str = "none",
 ) -> None:
     """The best ``limit`` trials as a table that fits ``console.width``: columns are left out (the
     least telling first, then searched keys from the last) rather than squeezed to nothing; the
@@ -217,12 +232,12 @@ def print_summary(
     space_cols = [k.split(".", 1)[-1] for k in space_keys]
     candidates = [*DROP_ORDER, *reversed(space_cols)]
     dropped: list[str] = []
-    table = summary_table(shown, space_keys, metric)
+    table = summary_table(shown, space_keys, metric, match=match)
     unbounded = console.options.update_width(100_000)  # the table's natural width, not clamped
 
     while Measurement.get(console, unbounded, table).maximum > console.width and candidates:
         dropped.append(candidates.pop(0))
-        table = summary_table(shown, space_keys, metric, tuple(dropped))
+        table = summary_table(shown, space_keys, metric, tuple(dropped), match)
     console.print(table)
     notes = []
     if dropped:

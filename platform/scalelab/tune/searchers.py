@@ -151,8 +151,18 @@ class ScreenedSearcher(Searcher):
             if verdict["ok"]:
                 self.alias[trial_id] = inner_id
                 self.live.add(trial_id)
-                self.costs[trial_id] = {"params": verdict["params"], "flops": verdict["flops"]}
-                return config
+                self.costs[trial_id] = {
+                    k: v for k, v in verdict.items() if k not in ("ok", "reason", "config")
+                }
+                if "matched_widths" in verdict:
+                    log.info(
+                        "trial %s: widths %s match the base budget (%s, %+.1f%%)",
+                        trial_id,
+                        verdict["matched_widths"],
+                        self.screen.match,
+                        100 * (verdict["match_ratio"] - 1),
+                    )
+                return verdict.get("config", config)  # with the matched widths, when search.match is on
             self._record_pruned(inner_id, config, verdict)
             self.inner.on_trial_complete(inner_id, result=None, error=False)  # Optuna: PRUNED
         self.gave_up = (

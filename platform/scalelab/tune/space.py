@@ -19,12 +19,16 @@ from typing import Annotated, Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from scalelab.config.loader import set_dotted, validate_recipe
-from scalelab.config.specs import ParamSpace, RecipeSpec
+from scalelab.config.specs import ParamSpace, RecipeSpec, SearchSpec
 from scalelab.errors import ConfigError
 
 # Search-only keys that expand into recipe fields when a trial's config is applied.
 BASE_WIDTH = "model.base_width"  # widths = [b, 2b, 4b, ...], one per stage of model.depths
 ALIASES = {BASE_WIDTH: "stage widths doubling from this base width (sets model.widths)"}
+# Not searched: the screen adds it to a trial's config under search.match (the widths that give
+# the trial the base recipe's budget, JSON-encoded like other list values), set last.
+MATCHED_WIDTHS = "match.widths"
+WIDTH_KEYS = ("model.widths", BASE_WIDTH)
 _SCALARS = (str, int, float, bool, type(None))
 _MAX_COMBOS = 512  # combinations checked exhaustively before falling back to a seeded sample
 
@@ -39,8 +43,20 @@ def decode_value(space: ParamSpace, value: Any) -> Any:
 
 
 def decode_config(space: dict[str, ParamSpace], config: dict[str, Any]) -> dict[str, Any]:
-    """Tune's config (encoded choices) -> the values as the recipe holds them."""
-    return {k: decode_value(space[k], v) for k, v in config.items() if k in space}
+    """Tune's config (encoded choices, matched widths) -> the values as the recipe holds them."""
+    values = {k: decode_value(space[k], v) for k, v in config.items() if k in space}
+    if MATCHED_WIDTHS in config:
+        widths = config[MATCHED_WIDTHS]
+        values[MATCHED_WIDTHS] = json.loads(widths) if isinstance(widths, str) else widths
+    return values
+
+
+def resolve_match(search: SearchSpec) -> str:
+    """``search.match`` as it applies: its default follows what the space searches."""
+    if search.match is not None:
+        return search.match
+    space = search.space
+    return "params" if "model.scales" in space and not any(k in space for k in WIDTH_KEYS) else "none"
 
 
 def to_tune_space(space: dict[str, ParamSpace]) -> dict[str, Any]:
@@ -61,14 +77,17 @@ def to_tune_space(space: dict[str, ParamSpace]) -> dict[str, Any]:
 
 
 def apply_config(base: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """Recipe dict with a trial's (decoded) values set; ``model.base_width`` expands last."""
+    """Recipe dict with a trial's (decoded) values set; ``model.base_width`` expands last, and
+    matched widths (``search.match``) replace the widths after that."""
     tree = copy.deepcopy(base)
     for key, value in config.items():
-        if key not in ALIASES:
+        if key not in ALIASES and key != MATCHED_WIDTHS:
             set_dotted(tree, key, value)
     if BASE_WIDTH in config:
         stages = len(tree.get("model", {}).get("depths") or RecipeSpec().model.depths)
         set_dotted(tree, "model.widths", [int(config[BASE_WIDTH]) * 2**i for i in range(stages)])
+    if MATCHED_WIDTHS in config:
+        set_dotted(tree, "model.widths", list(config[MATCHED_WIDTHS]))
     return tree
 
 
@@ -153,6 +172,13 @@ def validate_space(spec: RecipeSpec) -> None:
             _check_value(key, field, value)
     if search.algorithm == "grid" and not any(dim.choice is not None for dim in space.values()):
         raise ConfigError("search.algorithm 'grid' needs at least one key with choice values")
+    searched_widths = [k for k in WIDTH_KEYS if k in space]
+    if search.match not in (None, "none") and searched_widths:
+        raise ConfigError(
+            f"search.match={search.match!r} sets every trial's widths to hold the base budget, so "
+            f"searching {searched_widths[0]} would be overridden; drop it from search.space or set "
+            "search.match: none"
+        )
     _check_combinations(spec)
 
 
@@ -208,14 +234,34 @@ class Screen:
     image_size: int
     max_params: int | None = None
     max_flops: int | None = None
+    match: str = "none"  # "params" / "flops": widths are matched to the base recipe's model
 
     def __post_init__(self) -> None:
         self._cache: dict[str, tuple[int, int]] = {}
+        self._matched: dict[str, Any] = {}
+        self._target: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_cache"] = {}
+        state["_cache"], state["_matched"] = {}, {}
         return state
+
+    def target(self) -> int:
+        """The budget every trial is matched to: the base recipe's model, as written."""
+        if self._target is None:
+            params, flops = self.cost(validate_recipe(self.base, "search base"))
+            self._target = params if self.match == "params" else flops
+        return self._target
+
+    def matched(self, spec: RecipeSpec):
+        """The widths that bring ``spec``'s model to the target budget (cached per model spec)."""
+        from scalelab.tune.match import cost_function, match_widths
+
+        key = f"{self.target()}:{spec.model.model_dump_json()}"
+        if key not in self._matched:
+            cost = cost_function(self.match, self.in_chans, self.num_classes, self.image_size)  # type: ignore[arg-type]
+            self._matched[key] = match_widths(spec.model, self.target(), cost)
+        return self._matched[key]
 
     def spec_for(self, config: dict[str, Any]) -> RecipeSpec:
         return validate_recipe(apply_config(self.base, decode_config(self.space, config)), "trial")
@@ -231,7 +277,8 @@ class Screen:
         return self._cache[key]
 
     def check(self, config: dict[str, Any]) -> dict[str, Any]:
-        """``{"ok", "reason", "params", "flops"}`` for a Tune config."""
+        """``{"ok", "reason", "params", "flops"}`` for a Tune config; with ``search.match`` also
+        ``"config"`` (the config with the matched widths added) and the match's figures."""
         try:
             spec = self.spec_for(config)
         except ConfigError as exc:
@@ -241,6 +288,25 @@ class Screen:
                 "params": None,
                 "flops": None,
             }
+        extra: dict[str, Any] = {}
+        if self.match != "none":
+            from scalelab.tune.match import match_summary
+
+            found = self.matched(spec)
+            extra = match_summary(found, self.match)  # type: ignore[arg-type]
+            if not found.ok:
+                return {
+                    "ok": False,
+                    "reason": f"cannot match search.match={self.match} budget {found.target:,} within "
+                    f"+-5% by width: closest {found.cost:,} ({found.ratio - 1:+.1%}) at widths "
+                    f"{found.widths}",
+                    "params": None,
+                    "flops": None,
+                    **extra,
+                }
+            config = {**config, MATCHED_WIDTHS: json.dumps(found.widths)}
+            spec = self.spec_for(config)
+            extra["config"] = config
         params, flops = self.cost(spec)
         reasons = []
         if self.max_params is not None and params > self.max_params:
@@ -252,4 +318,5 @@ class Screen:
             "reason": "over budget: " + "; ".join(reasons) if reasons else None,
             "params": params,
             "flops": flops,
+            **extra,
         }

@@ -177,10 +177,3 @@ def headless_chromium():
         ]
 
     return command
-
-
-# ---------------------------------------------------------------------- Serve ingress guard (issue 16)
-# Ray Serve's ingress (its proxy, or each replica's server under HAProxy) runs scalelab's header guard
-# when the Ray cluster starts with this in its environment, as clusters started by scalelab do. Set
-# before any test starts Ray, so the session's Ray and `ray start` subprocesses inherit it.
-os.environ.update({"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "scalelab.serve.guard:ingress_middlewares"})

@@ -192,7 +192,12 @@ def test_storage_location_and_fault_spec(monkeypatch, workdir):
         "pipelines/digits.yaml", ["train.storage_path=s3://b/p?endpoint_override=h:1&scheme=http"]
     )
     assert storage_location(spec) == ("s3://b/p?endpoint_override=h:1&scheme=http", None)
-    assert parse_fault("rank=1,epoch=2,marker=/tmp/m") == {"rank": 1, "epoch": 2, "marker": "/tmp/m", "step": None}
+    assert parse_fault("rank=1,epoch=2,marker=/tmp/m") == {
+        "rank": 1,
+        "epoch": 2,
+        "marker": "/tmp/m",
+        "step": None,
+    }
     assert parse_fault("rank=0,epoch=1,marker=/tmp/m,step=10")["step"] == 10
     assert parse_fault("") is None
 

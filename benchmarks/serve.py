@@ -60,6 +60,8 @@ def pick_model(args) -> tuple[str, Path, dict]:
     overrides = ["tracking.enabled=false", "train.run_name=bench-serve", f"train.epochs={epochs}"]
     overrides += [f"model.variant={variant}"] if variant else []
     spec = load_recipe(REPO / "pipelines" / f"{dataset}.yaml", overrides)
+    if args.untrained:
+        return dataset, untrained_bundle(spec), {"trained_here": False, "weights": "untrained"}
     print(f"training the {dataset} model ({spec.model.variant}) for {epochs} epoch(s)...")
     outcome = run_training(spec)
     return (
@@ -67,6 +69,23 @@ def pick_model(args) -> tuple[str, Path, dict]:
         outcome.model_dir.resolve(),
         {"trained_here": True, "train_epochs": epochs, "model_test_acc": outcome.metrics["test_acc"]},
     )
+
+
+def untrained_bundle(spec) -> Path:
+    """The recipe's model with its initial weights, in the precision training would use here: the same
+    inference cost as a trained one (answers are meaningless; throughput figures only)."""
+    from scalelab.artifacts.bundle import save_model_bundle
+    from scalelab.data.catalog import load_dataset
+    from scalelab.models import build_model
+    from scalelab.train.loop import bundle_meta
+    from scalelab.train.runtime import select_runtime
+
+    data = load_dataset(spec.data)
+    x = data.splits["train"].x
+    chans = 1 if x.ndim == 3 else x.shape[-1]
+    model = build_model(spec.model, chans, len(data.classes), x.shape[1])
+    out = REPO / "outputs" / "bench-serve-untrained" / "model"
+    return save_model_bundle(model, out, bundle_meta(spec, data, select_runtime(spec.train)))
 
 
 def test_image(bundle: Path) -> np.ndarray:
@@ -312,6 +331,12 @@ def main() -> None:
     parser.add_argument("--bundle", help="Model bundle folder (default: train the dataset's model).")
     parser.add_argument("--train-epochs", type=int, help="Epochs when training here (fashion 1, digits 20).")
     parser.add_argument("--duration", type=float, default=6.0, help="Measured seconds per point.")
+    parser.add_argument(
+        "--untrained",
+        action="store_true",
+        help="Serve the model with its initial weights instead of training one epoch (same cost per "
+        "request; answers meaningless). Recorded as weights=untrained.",
+    )
     parser.add_argument(
         "--ingress", choices=("haproxy", "proxy"), help="Serve's ingress (default: scalelab's)."
     )

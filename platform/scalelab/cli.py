@@ -293,7 +293,9 @@ def main() -> None:
     except ScalelabError as exc:
         if os.environ.get("SCALELAB_DEBUG"):  # where it was raised, for a bug report
             err_console.print("".join(traceback.format_exception(exc)), highlight=False, markup=False)
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # messages quote paths and logs: "[...]" is text, not markup
+
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

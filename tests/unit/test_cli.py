@@ -123,3 +123,12 @@ def test_cli_from_an_unrelated_folder_trains_into_the_project(workdir: Path, tmp
     assert (workdir / "outputs" / "far" / "model" / "model.safetensors").is_file()
     assert (workdir / ".scalelab" / "mlflow.db").is_file()  # the project's embedded store
     assert "done" in out.stdout and str(workdir / "outputs" / "far" / "model") in out.stdout
+
+
+def test_error_messages_with_brackets_print_as_text(tmp_path: Path):
+    # an error quoting a path or a log line like "[/tmp/x/haproxy.cfg:7]" is not rich markup
+    (tmp_path / ".git").mkdir()
+    cmd = [sys.executable, "-m", "scalelab.cli", "data", "verify", "missing[/x].yaml"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error:" in proc.stderr and "missing[/x].yaml" in proc.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -37,11 +36,6 @@ def test_default_ingress_is_haproxy_with_a_client_timeout_and_private_ports(monk
     assert serve_ingress_env()["RAY_SERVE_HAPROXY_STATS_PORT"] != env["RAY_SERVE_HAPROXY_STATS_PORT"]
     monkeypatch.setenv("SCALELAB_SERVE_HAPROXY_STATS_PORT", "18404")
     assert serve_ingress_env()["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
-    # ... nor HAProxy's admin socket and config: each cluster gets a folder of its own
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_SOCKET_PATH", env["RAY_SERVE_HAPROXY_SOCKET_PATH"])
-    again = serve_ingress_env()
-    assert again["RAY_SERVE_HAPROXY_SOCKET_PATH"] != env["RAY_SERVE_HAPROXY_SOCKET_PATH"]
-    assert Path(again["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent.is_dir()
 
 
 def test_proxy_ingress_and_a_bad_value(monkeypatch):

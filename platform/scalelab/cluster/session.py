@@ -142,7 +142,7 @@ def serve_ingress_env() -> dict[str, str]:
     test session). With ``haproxy`` (default): Ray Serve's HAProxy ingress (~4x the requests/s of
     the Python proxy here) plus ``RAY_SERVE_THROUGHPUT_OPTIMIZED``. HAProxy's fixed defaults are
     made safe for several clusters on one machine: its stats and Prometheus ports (8404, 9101, on
-    all interfaces) become free ports, its sockets and config a folder per cluster. ``timeout client``
+    all interfaces) become free ports, its sockets a per-user folder. ``timeout client``
     (``$SCALELAB_SERVE_CLIENT_TIMEOUT_S``, 10 s; Ray's default is an hour) cuts off clients that
     stop sending mid-request (slow-body / slowloris). A deleted application's replicas drain for
     3 s (Ray's floor under direct ingress is 30 s, which made `scalelab serve stop` take 31 s).
@@ -153,6 +153,9 @@ def serve_ingress_env() -> dict[str, str]:
     guard = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "scalelab.serve.guard:ingress_middlewares"}
     if serve_ingress() == "proxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0", **guard}
+    # Ray adds a subfolder per node (its 56-hex node id), so clusters on one machine never share a
+    # socket; keep this prefix short: HAProxy refuses socket paths over 97 characters
+    folder = Path(tempfile.gettempdir()) / f"scalelab-haproxy-{os.getuid()}"
     env = {
         **guard,
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -163,6 +166,11 @@ def serve_ingress_env() -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
         # Serve kills a proxy not ready within 5 s; HAProxy's start takes longer on a loaded machine
         "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
     }
     env = {k: os.environ.get(k, v) for k, v in env.items()}
     # Never inherited: a process started from one that holds a cluster (a test session, a script)
@@ -171,18 +179,6 @@ def serve_ingress_env() -> dict[str, str]:
     for what in ("STATS", "METRICS"):
         port = os.environ.get(f"SCALELAB_SERVE_HAPROXY_{what}_PORT") or str(_free_port())
         env[f"RAY_SERVE_HAPROXY_{what}_PORT"] = port
-    # HAProxy's config, admin socket and state files: a folder per cluster (never inherited either:
-    # two clusters on one machine sharing an admin socket would reconfigure each other's HAProxy)
-    folder = Path(tempfile.mkdtemp(prefix=f"scalelab-haproxy-{os.getuid()}-"))
-    env.update(
-        {
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
-            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
-        }
-    )
     return env
 
 

@@ -68,6 +68,8 @@ def test_route_prefixes_first_app_keeps_slash_others_get_their_name(monkeypatch)
     assert commands.choose_route_prefix("scalelab-a", "a", "/") == "/"  # redeploy keeps its prefix
     assert commands.choose_route_prefix("scalelab-b", "b", "/") == "/b"
     apps["scalelab-b"] = {"route_prefix": "/b"}
+    assert commands.choose_route_prefix("scalelab-b", "b", "/") == "/b"  # redeploy keeps /b
+    assert commands.choose_route_prefix("scalelab-b", "b", "/b2") == "/b2"  # ... unless the recipe moves it
     apps["other"] = {"route_prefix": "/c"}
     with pytest.raises(ConfigError, match="taken by application 'other'"):
         commands.choose_route_prefix("scalelab-c", "c", "/")

@@ -181,11 +181,12 @@ RESERVED_PREFIXES = {"v1", "healthz", "readyz", "openapi.json", "docs", "favicon
 def choose_route_prefix(appname: str, model_name: str, wanted: str) -> str:
     """``wanted`` (the recipe's, ``/`` by default) unless another application holds it, then ``/NAME``.
 
-    Redeploying an application keeps its prefix. A model whose name is one of the app's own first
-    path segments (``v1``, ``healthz``, ...) would shadow those routes of the app at ``/``.
+    Redeploying an application keeps its prefix unless the recipe names another one (anything but
+    the default ``/``). A model whose name is one of the app's own first path segments (``v1``,
+    ``healthz``, ...) would shadow those routes of the app at ``/``.
     """
     apps = (serve_details() or {}).get("applications") or {}
-    if appname in apps and apps[appname].get("route_prefix"):
+    if appname in apps and apps[appname].get("route_prefix") and wanted == "/":
         return apps[appname]["route_prefix"]
     held = {a.get("route_prefix"): n for n, a in apps.items() if n != appname}
     if wanted not in held:

@@ -172,20 +172,13 @@ def s3_endpoint(explicit: str | None = None, root: str | Path | None = None) -> 
         return None
 
 
-def s3_filesystem(endpoint_url: str | None = None, root: str | Path | None = None, attempts: int = 6):
-    """``(pyarrow.fs.S3FileSystem, endpoint)`` with the AWS environment's credentials, the endpoint
-    of :func:`s3_endpoint`, and retries with exponential backoff (AWS standard strategy). The object
-    pickles: Ray tasks and workers get the endpoint and credentials with it."""
+def s3_connection(endpoint: str | None) -> dict:
+    """``pyarrow.fs.S3FileSystem`` keyword arguments for ``endpoint`` (``http://host:port``, a bare
+    host meaning https, or None for AWS) with the AWS environment's region and credentials."""
     import os
 
-    import pyarrow.fs
-
-    endpoint = s3_endpoint(endpoint_url, root)
     kwargs: dict = {
         "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
-        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=attempts),
-        "connect_timeout": 5,
-        "request_timeout": 30,
     }
     if endpoint:
         scheme, _, host = endpoint.partition("://")
@@ -198,4 +191,20 @@ def s3_filesystem(endpoint_url: str | None = None, root: str | Path | None = Non
         )
         if os.environ.get("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return kwargs
+
+
+def s3_filesystem(endpoint_url: str | None = None, root: str | Path | None = None, attempts: int = 6):
+    """``(pyarrow.fs.S3FileSystem, endpoint)`` with the AWS environment's credentials, the endpoint
+    of :func:`s3_endpoint`, and retries with exponential backoff (AWS standard strategy). The object
+    pickles: Ray tasks and workers get the endpoint and credentials with it."""
+    import pyarrow.fs
+
+    endpoint = s3_endpoint(endpoint_url, root)
+    kwargs = {
+        **s3_connection(endpoint),
+        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+        "connect_timeout": 5,
+        "request_timeout": 30,
+    }
     return pyarrow.fs.S3FileSystem(**kwargs), endpoint

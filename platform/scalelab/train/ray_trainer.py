@@ -53,21 +53,9 @@ def storage_location(spec: RecipeSpec) -> tuple[str, Any]:
         or os.environ.get("AWS_ENDPOINT_URL_S3")
         or os.environ.get("AWS_ENDPOINT_URL")
     )
-    kwargs: dict[str, Any] = {
-        "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-    }
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        if not host:
-            scheme, host = "https", endpoint
-        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs.update(
-            access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"]
-        )
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return path[len("s3://") :].rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+    from scalelab.data.remote import s3_connection
+
+    return path[len("s3://") :].rstrip("/"), pyarrow.fs.S3FileSystem(**s3_connection(endpoint))
 
 
 def resolve_data_path(spec: RecipeSpec, data_version: DataVersion | None = None) -> Path:

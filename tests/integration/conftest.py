@@ -177,3 +177,18 @@ def headless_chromium():
         ]
 
     return command
+
+
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """The session's Ray, but always a fresh local one: other clusters may run on this machine, and
+    a bare ``ray.init()`` would attach to the latest of them."""
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"
+    try:
+        return request.getfixturevalue("ray_session")
+    finally:
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old

@@ -70,21 +70,6 @@ def deploy(s, api_key: str | None = None, **changes) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_ray(request):
-    """The session's Ray, but always a fresh local one: other clusters may run on this machine, and
-    a bare ``ray.init()`` would attach to the latest of them."""
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"
-    try:
-        return request.getfixturevalue("ray_session")
-    finally:
-        if old is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = old
-
-
-@pytest.fixture(scope="module")
 def served(local_ray, mlflow_server, digits_bundles, tmp_path_factory):
     from ray import serve
 

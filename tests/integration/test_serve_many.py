@@ -40,20 +40,6 @@ def png_body(x: np.ndarray) -> bytes:
     return json.dumps({"images": [base64.b64encode(buf.getvalue()).decode()]}).encode()
 
 
-@pytest.fixture(scope="module")
-def local_ray(request):
-    """The session's Ray, always a fresh local one (never a cluster someone else left running)."""
-    old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"
-    try:
-        return request.getfixturevalue("ray_session")
-    finally:
-        if old is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = old
-
-
 def test_two_models_on_one_cluster_each_on_its_own_route(
     local_ray, mlflow_server, digits_bundles, tmp_path, monkeypatch
 ):

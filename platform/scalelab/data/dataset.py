@@ -250,13 +250,17 @@ def read_prepared(path: str | Path, verify: bool = True) -> Dataset:
             )
         with np.load(f, allow_pickle=False) as z:
             splits[name] = Split(z["x"], z["y"], **{k: z[k] for k in BOX_FIELDS if k in z})
-    return Dataset(
-        name=meta["name"],
-        splits=splits,
-        classes=list(meta["classes"]),
-        mean=meta["mean"],
-        std=meta["std"],
-        task=meta.get("task", "classification"),
-        hflip_ok=meta.get("hflip_ok", True),
-        source_report=meta.get("source", {}),
-    )
+    return Dataset(splits=splits, **metadata_fields(meta))
+
+
+def metadata_fields(meta: dict) -> dict:
+    """The :class:`Dataset` fields a prepared dataset's ``metadata.json`` holds (either form)."""
+    return {
+        "name": meta["name"],
+        "classes": list(meta["classes"]),
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "task": meta.get("task", "classification"),
+        "hflip_ok": meta.get("hflip_ok", True),
+        "source_report": meta.get("source", {}),
+    }

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from scalelab.data.dataset import SPLITS, Dataset, Split, sha256_file
+from scalelab.data.dataset import SPLITS, Dataset, Split, metadata_fields, sha256_file
 from scalelab.errors import DataError
 
 FORMAT = "shards"
@@ -343,14 +343,8 @@ def stream_dataset(meta: dict[str, Any], source: ShardSource) -> StreamDataset:
     channels = int(meta["channels"])
     splits = {name: ShardSplit(name, meta["shards"][name], source, channels) for name in SPLITS}
     return StreamDataset(
-        name=meta["name"],
         splits=splits,  # type: ignore[arg-type]  # ShardSplit reads like Split
-        classes=list(meta["classes"]),
-        mean=meta["mean"],
-        std=meta["std"],
-        task=meta.get("task", "classification"),
-        hflip_ok=meta.get("hflip_ok", True),
-        source_report=meta.get("source", {}),
+        **metadata_fields(meta),
         meta=meta,
         source=source,
     )

@@ -394,7 +394,7 @@ class ModelServer:
         if self.watcher is None:
             self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    async def _swap(self, new: Predictor) -> None:
+    async def _swap(self, new: Predictor, why: str = "") -> None:
         async with self.swap_lock:
             old = self.predictor
             self.predictor = new  # in-flight batches keep the reference they started with
@@ -410,7 +410,7 @@ class ModelServer:
                 )
             self.m["info"].set(1, tags={"model_name": name, "model_version": version})
             self.m["swaps"].inc(tags={"model_version": version})
-            log.info("serving %s version %s", name, version)
+            log.info("serving %s version %s%s", name, version, f" ({why})" if why else "")
 
     async def _watch(self) -> None:
         """Follow the alias: load a moved-to version beside the old one, then swap."""
@@ -422,9 +422,12 @@ class ModelServer:
             try:
                 target = await asyncio.to_thread(current_alias_version, cfg)
                 if target != str(self.predictor.info.get("version")):
+                    started = time.perf_counter()
                     new = await asyncio.to_thread(load_predictor, cfg, target)
                     if cfg is self.cfg:  # not reconfigured meanwhile
-                        await self._swap(new)
+                        await self._swap(
+                            new, f"@{cfg.alias} moved; loaded in {time.perf_counter() - started:.1f} s"
+                        )
                 self.last_poll_error = None
             except Exception as exc:  # noqa: BLE001 - the registry being down must not stop serving
                 self.last_poll_error = f"{type(exc).__name__}: {exc}"

@@ -187,7 +187,7 @@ def slow_body_flood(url: str, body_file: Path, duration: float, n: int = 100) ->
     }
 
 
-def serve_variant(bundle: Path, port: int, batching: bool, app: str) -> str:
+def serve_variant(bundle: Path, port: int, batching: bool, app: str, max_batch_size: int = 32) -> str:
     from ray import serve
 
     from scalelab.config.specs import ServeSpec
@@ -198,7 +198,7 @@ def serve_variant(bundle: Path, port: int, batching: bool, app: str) -> str:
         port=port,
         batching=batching,
         cpus_per_replica=1,
-        max_batch_size=32,
+        max_batch_size=max_batch_size,
         batch_wait_timeout_s=0.002,
         max_ongoing_requests=128,
         max_queued_requests=-1,
@@ -309,11 +309,13 @@ def swap_under_load(bundle: Path, port: int, body_file: Path, work: Path, durati
     }
 
 
-def npy_point(bundle: Path, port: int, x: np.ndarray, work: Path, duration: float) -> dict:
+def npy_point(
+    bundle: Path, port: int, x: np.ndarray, work: Path, duration: float, max_batch_size: int
+) -> dict:
     """``batched_npy_c32_*``: the batched app fed ``application/x-npy`` (the uint8 batch contract)."""
     import httpx
 
-    url = serve_variant(bundle, port, True, "npy")
+    url = serve_variant(bundle, port, True, "npy", max_batch_size)
     body_file = work / "body.npy"
     body_file.write_bytes(npy_body(x))
     probe = httpx.post(
@@ -348,6 +350,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--ingress", choices=("haproxy", "proxy"), help="Serve's ingress (default: scalelab's)."
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="The batched variant's max_batch_size. At c=32 with 32, every client sits in one batch and "
+        "the model waits out each round trip (py-spy: its thread idle ~1/3 of the time); 16 keeps two "
+        "batches in flight.",
     )
     parser.add_argument(
         "--quick",
@@ -390,6 +400,7 @@ def main() -> None:
         "input": meta["dataset"]["shape"],
         **model_info,
         "ingress": serve_ingress(),
+        "batched_max_batch_size": args.max_batch_size,
         "ingress_env": {k: v for k, v in ingress_env.items() if not k.endswith("_PORT") and "/" not in v},
         "load_generator": f"hey ({HEY}); -z {duration:g}s per point, keep-alive, POST from a file",
         "duration_s": duration,
@@ -423,7 +434,7 @@ def main() -> None:
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:
         for label, batching in (("batched", True), ("unbatched", False)):
-            url = serve_variant(bundle, port, batching, label)
+            url = serve_variant(bundle, port, batching, label, args.max_batch_size)
             httpx.post(
                 url, content=body_file.read_bytes(), headers={"content-type": "application/json"}, timeout=60
             )
@@ -436,7 +447,7 @@ def main() -> None:
                     flush=True,
                 )
             serve.delete(label)
-        figures.update(npy_point(bundle, port, x, work, duration))
+        figures.update(npy_point(bundle, port, x, work, duration, args.max_batch_size))
         serve.delete("npy")
         figures.update(swap_under_load(bundle, port, body_file, work, duration))
         print(

@@ -101,6 +101,7 @@ class _Limits:
     """Per-process settings the ASGI guard reads (one replica per process)."""
 
     max_body_bytes = 8_000_000
+    body_timeout_s = 30.0
     api_key_sha256: str | None = None
 
 
@@ -110,7 +111,9 @@ DRAIN_SECONDS = 5.0
 
 class Guard:
     """Pure ASGI middleware: API key (401), then the whole body read up to the limit (413 above it,
-    whatever the framing: Content-Length or chunked) before any parsing; websockets get a clear 4xx."""
+    whatever the framing: Content-Length or chunked) and within the body deadline (408 after it: the
+    ingress only cuts idle clients, not one sending a byte a second) before any parsing; websockets
+    get a clear 4xx."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -147,19 +150,22 @@ class Guard:
                     return await send_error(send, 413, f"{int(length):,} bytes: {too_large}")
                 await _drain(receive)
                 return await send_error(send, 413, f"{int(length):,} bytes: {too_large}")
-        chunks, seen = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > limit:  # chunked (no Content-Length), or more bytes than it said
-                await _drain(receive)
-                return await send_error(send, 413, too_large)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        chunks: list[bytes] = []
+        try:
+            outcome = await asyncio.wait_for(_read_body(receive, chunks, limit), _Limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            return await send_error(
+                send,
+                408,
+                f"request body not complete within {_Limits.body_timeout_s:g} s "
+                f"({sum(map(len, chunks)):,} bytes arrived); send the whole body at once",
+                {"connection": "close"},
+            )
+        if outcome == "gone":  # the client went away
+            return
+        if outcome == "too large":  # chunked (no Content-Length), or more bytes than it said
+            await _drain(receive)
+            return await send_error(send, 413, too_large)
         body, replayed = b"".join(chunks), False
 
         async def replay():
@@ -170,6 +176,22 @@ class Guard:
             return await receive()  # then only http.disconnect, from the server
 
         await self.app(scope, replay, send)
+
+
+async def _read_body(receive, chunks: list[bytes], limit: int) -> str:
+    """Append the request's body chunks to ``chunks``: "complete", "too large" or "gone"."""
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return "gone"
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            return "too large"
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return "complete"
 
 
 async def _drain(receive) -> None:
@@ -379,6 +401,7 @@ class ModelServer:
         env_key = os.environ.get(cfg.api_key_env)
         _Limits.api_key_sha256 = cfg.api_key_sha256 or (key_sha256(env_key) if env_key else None)
         _Limits.max_body_bytes = cfg.max_body_bytes
+        _Limits.body_timeout_s = cfg.body_timeout_s
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         source_changed = (cfg.model_name, cfg.alias, cfg.version, cfg.bundle_path, cfg.tracking_uri) != (

@@ -1,11 +1,11 @@
 """The Ray Serve application: a FastAPI ingress in front of a model loaded from the registry.
 
 One replica = one process holding one :class:`Predictor`. Requests are decoded and validated
-on the replica's event loop; the model runs in a worker thread (torch releases the GIL), fed by
-``@serve.batch`` so concurrent requests share one forward pass. The alias is polled in the
-background and a new version is loaded beside the old one and swapped in by reference, so no
-request ever sees a half-loaded model. ``reconfigure`` (a ``user_config`` change) applies new
-limits, batching and auth in place, and pins or unpins a version.
+on the replica's event loop; the model runs in one worker thread of its own (torch releases the
+GIL), one forward pass at a time, fed by ``@serve.batch`` so concurrent requests share one. The
+alias is polled in the background and a new version is loaded beside the old one and swapped in
+by reference, so no request ever sees a half-loaded model. ``reconfigure`` (a ``user_config``
+change) applies new limits, batching and auth in place, and pins or unpins a version.
 """
 
 import asyncio
@@ -14,6 +14,7 @@ import json
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -389,6 +390,14 @@ class ModelServer:
         self.last_poll_error: str | None = None
         self.swap_lock = asyncio.Lock()
         self.m = _metrics()
+        # Forward passes run here, one at a time on cfg.threads intra-op threads: the replica's CPU
+        # budget (asyncio's default pool would run up to cpu_count + 4 unbatched forwards at once).
+        # Registry polls and model loads stay on the default pool, so they never queue behind
+        # forward passes, nor these behind them.
+        self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scalelab-model")
+
+    async def _in_model_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.model_pool, fn, *args)
 
     # ---- configuration and model swaps -------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -398,6 +407,7 @@ class ModelServer:
 
         cfg = ReplicaConfig.model_validate(user_config)
         torch.set_num_threads(cfg.threads)
+        await self._in_model_thread(torch.set_num_threads, cfg.threads)  # OpenMP's setting is per thread
         env_key = os.environ.get(cfg.api_key_env)
         _Limits.api_key_sha256 = cfg.api_key_sha256 or (key_sha256(env_key) if env_key else None)
         _Limits.max_body_bytes = cfg.max_body_bytes
@@ -466,7 +476,7 @@ class ModelServer:
         predictor = self.predictor
         version = str(predictor.info.get("version"))
         sizes = [len(c) for c in chunks]
-        probs = await asyncio.to_thread(predictor.predict_proba, np.concatenate(chunks))
+        probs = await self._in_model_thread(predictor.predict_proba, np.concatenate(chunks))
         self.m["batch"].observe(len(chunks), tags={"model_version": version})
         parts = np.split(probs, np.cumsum(sizes)[:-1])
         return [(p, predictor) for p in parts]  # the reply names the version that computed it
@@ -475,7 +485,7 @@ class ModelServer:
         if self.cfg.batching:
             return await self._batched(images)
         predictor = self.predictor
-        return await asyncio.to_thread(predictor.predict_proba, images), predictor
+        return await self._in_model_thread(predictor.predict_proba, images), predictor
 
     async def _predict(self, images: list[np.ndarray] | np.ndarray, top_k: int | None) -> dict[str, Any]:
         """``images``: uint8 (H, W, C) arrays, or one (N, H, W, C) batch (a .npy body)."""
@@ -496,7 +506,7 @@ class ModelServer:
     async def _detect(self, images: list[np.ndarray], started: float) -> dict[str, Any]:
         """Detection models: images keep their sizes (no stacking, no dynamic batching)."""
         predictor = self.predictor
-        detections = await asyncio.to_thread(predictor.detect, images)
+        detections = await self._in_model_thread(predictor.detect, images)
         version = str(predictor.info.get("version"))
         self.m["latency"].observe((time.perf_counter() - started) * 1000, tags={"model_version": version})
         self.m["images"].inc(len(images), tags={"model_version": version})

@@ -174,6 +174,7 @@ def test_serve_list_and_stop_on_the_stack(cluster, tmp_path):
         assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
         listed = " ".join(sh(["serve", "list"], root).stdout.split())
         assert "scalelab-stacked" in listed and f"{url}/" in listed and "RUNNING" in listed, listed
+        assert "ApplicationStatus" not in listed and "bundle" in listed, listed
         assert "stopped scalelab-stacked" in sh(["serve", "stop", "stacked"], root).stdout
         assert httpx.get(f"{url}/readyz", timeout=30).status_code != 200
         assert "no models are served" in sh(["serve", "list"], root).stdout

@@ -197,6 +197,13 @@ class DataSpec(_Spec):
         "the DVC remote's objects of the recorded version ('remote': S3, nothing downloaded first; "
         "the folder need not exist on any node, only its .dvc/dvc.lock entry).",
     )
+    read_retry_s: float = Field(
+        120.0,
+        ge=0,
+        description="Stream format, shards on S3: how long a read keeps retrying while the store does "
+        "not answer (backoff 0.5 s doubling to 8 s) before training fails with an error naming the "
+        "endpoint. Running the same command again then resumes from the last checkpoint.",
+    )
     endpoint_url: str | None = Field(
         None,
         description="S3-compatible endpoint for an s3:// data.source (None: $AWS_ENDPOINT_URL_S3, "

@@ -12,7 +12,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -290,9 +290,11 @@ def stream_loaders(
         raise ConfigError("data.format=stream supports classification only for now; set data.format=memory")
     d = spec.data
 
+    source = replace(data.source, retry_s=d.read_retry_s)
+
     def config(split: str, augment=None) -> StreamConfig:
         return StreamConfig(
-            data.source,
+            source,
             data.meta["shards"][split],
             int(data.meta["row_group_rows"]),
             data.channels,

@@ -355,17 +355,14 @@ def sampled(log: Path, epoch: int) -> list[int]:
 
 
 def planned_epoch(data, spec, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """The sample ids of ``rank``'s part of ``epoch``'s deterministic plan, in order (from the id
-    column alone: a window's order indexes the rows of its row groups, read shard by shard)."""
-    from scalelab.data.stream import rank_plan
+    """The sample ids of ``rank``'s part of ``epoch``'s deterministic plan, in order."""
+    from scalelab.data.stream import planned_ids
     from scalelab.train.loop import per_worker_batch
 
-    rows = int(data.meta["row_group_rows"])
-    shards = data.meta["shards"]["train"]
-    ids = [data.source.read_columns(s, ["id"])["id"] for s in shards]
-    plan = rank_plan(
-        shards,
-        rows,
+    return planned_ids(
+        data.source,
+        data.meta["shards"]["train"],
+        int(data.meta["row_group_rows"]),
         seed=spec.train.seed,
         epoch=epoch,
         window=spec.data.shuffle_window,
@@ -373,7 +370,3 @@ def planned_epoch(data, spec, epoch: int, rank: int = 0, world_size: int = 1) ->
         world_size=world_size,
         batch=per_worker_batch(spec.train.batch_size, world_size, spec.train.grad_accum_steps),
     )
-    out: list[int] = []
-    for w in plan.windows:
-        out += np.concatenate([ids[s][g * rows : (g + 1) * rows] for s, g in w.groups])[w.order].tolist()
-    return out

@@ -252,11 +252,13 @@ def main() -> None:
 
     import ray
 
+    from scalelab.cluster.session import connect_ray
+
     with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp:
         work = Path(tmp)
         (work / "pipelines").symlink_to(REPO / "pipelines")
         os.chdir(work)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        connect_ray(num_cpus=os.cpu_count(), log_to_driver=False)
         figures: dict = {"quick": args.quick}
         try:
             figures.update(stream_vs_memory(args.quick))
@@ -273,7 +275,8 @@ def main() -> None:
         finally:
             ray.shutdown()
     figures["command"] = "python benchmarks/streaming.py" + (" --quick" if args.quick else "")
-    figures["note"] = "measured on a shared machine" if args.quick else "run on an idle machine"
+    if args.quick:
+        figures["note"] = "--quick: tiny sizes, the figures mean nothing"
     if args.out is not None or not args.quick:
         write_results_to(args.out, figures)
     else:

@@ -216,7 +216,7 @@ def resume_exactness(work: Path) -> dict:
         plan = planned_ids(
             data.source,
             data.meta["shards"]["train"],
-            32,
+            int(data.meta["row_group_rows"]),  # as prepared (the ratio step may have made them)
             seed=spec.train.seed,
             epoch=1,
             window=spec.data.shuffle_window,

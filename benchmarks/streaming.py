@@ -238,9 +238,9 @@ def resume_exactness(work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, figures meaningless")
-    ap.add_argument("--images", type=int, default=120_000, help="generated 96 px JPEGs (large dataset)")
+    ap.add_argument("--images", type=int, default=150_000, help="generated 96 px JPEGs (large dataset)")
     ap.add_argument("--size", type=int, default=96, help="their side in pixels")
-    ap.add_argument("--cap-mb", type=int, default=768, help="worker memory cap (Ray memory resource)")
+    ap.add_argument("--cap-mb", type=int, default=1024, help="worker memory cap (Ray memory resource)")
     ap.add_argument("--decode-images", type=int, default=3000, help="images timed per decode repeat")
     ap.add_argument("--out", type=Path, default=None, help="results file (default: results/streaming.json)")
     args = ap.parse_args()

@@ -111,6 +111,9 @@ def test_search_tracks_trials_and_writes_a_best_recipe_that_trains(workdir, ray_
 
 
 def test_over_budget_configuration_is_never_launched(workdir, ray_session, tracking_uri):
+    """Also the Tune path of streamed data: the launched trial is a TorchTrainer (trial_mode
+    workers) whose worker trains on Parquet shards through Ray Data (the dataset exists only as
+    shards, so nothing else could have fed it)."""
     from mlflow.tracking import MlflowClient
 
     from scalelab.tune.driver import run_search
@@ -129,13 +132,22 @@ def test_over_budget_configuration_is_never_launched(workdir, ray_session, track
             "search.max_epochs": 1,
             "search.scheduler": "none",
             "search.max_params": small * 2,
+            "search.trial_mode": "workers",
+            "data.name": "digits_shards",
+            "data.format": "stream",
+            "data.row_group_rows": 64,
         }
     )
     outcome = run_search(spec, name="budget", quiet=True)
+    assert (
+        json.loads((workdir / "data" / "digits_shards" / "metadata.json").read_text())["format"] == "shards"
+    )
+    assert not (workdir / "data" / "digits").exists()
 
     launched = [r for r in outcome.rows if r["status"] != "pruned"]
     pruned = [r for r in outcome.rows if r["status"] == "pruned"]
     assert [r["model.base_width"] for r in launched] == [8]
+    assert launched[0]["status"] == "completed" and launched[0]["epochs"] == 1  # streamed, to the end
     assert [r["model.base_width"] for r in pruned] == [64]
     assert "search.max_params" in pruned[0]["reason"] and pruned[0]["params"] > small * 2
     # Tune never created a trial for it: one trial folder, one trial in the experiment state

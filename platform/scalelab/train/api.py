@@ -18,7 +18,13 @@ from scalelab.config.specs import RecipeSpec
 from scalelab.data.catalog import load_dataset, prepared_path
 from scalelab.data.samples import write_samples
 from scalelab.errors import ConfigError
-from scalelab.train.loop import bundle_meta, check_model_fits_data, default_run_name, fit_metrics
+from scalelab.train.loop import (
+    bundle_meta,
+    check_data_fits_worker,
+    check_model_fits_data,
+    default_run_name,
+    fit_metrics,
+)
 
 
 @dataclass
@@ -57,6 +63,7 @@ def run_training(
         )
     data = load_dataset(spec.data)
     check_model_fits_data(spec, data)  # before any run, checkpoint or Ray exists
+    check_data_fits_worker(spec, data)
     started = time.perf_counter()
     timing = {"run_training": time.time()}  # where the time to the first step goes (benchmarks)
     started_ray = False

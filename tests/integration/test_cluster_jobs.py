@@ -33,12 +33,17 @@ def sh(args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> 
     return proc
 
 
-def up_stack(root: Path) -> None:
+def up_stack(root: Path, attempts: int = 3) -> None:
     """`scalelab up --workers 2 --no-mlflow --s3`: starts only what is missing. Ray gives a starting
-    raylet a fixed 30 s to register with the head, which a loaded 2-core machine can exceed (`up`
-    then stops what it started): try once more."""
-    if sh(["up", "--workers", "2", "--no-mlflow", "--s3"], root, timeout=300, check=False).returncode:
-        sh(["up", "--workers", "2", "--no-mlflow", "--s3"], root, timeout=300)
+    raylet a fixed 30 s to register with the head, which a heavily loaded 2-core machine can exceed
+    (`up` then stops what it started): try again."""
+    for _ in range(attempts - 1):
+        if (
+            sh(["up", "--workers", "2", "--no-mlflow", "--s3"], root, timeout=300, check=False).returncode
+            == 0
+        ):
+            return
+    sh(["up", "--workers", "2", "--no-mlflow", "--s3"], root, timeout=300)
 
 
 @pytest.fixture(scope="module")

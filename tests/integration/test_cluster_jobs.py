@@ -37,13 +37,10 @@ def up_stack(root: Path, attempts: int = 3) -> None:
     """`scalelab up --workers 2 --no-mlflow --s3`: starts only what is missing. Ray gives a starting
     raylet a fixed 30 s to register with the head, which a heavily loaded 2-core machine can exceed
     (`up` then stops what it started): try again."""
-    for _ in range(attempts - 1):
-        if (
-            sh(["up", "--workers", "2", "--no-mlflow", "--s3"], root, timeout=300, check=False).returncode
-            == 0
-        ):
+    for attempt in range(attempts):
+        last = attempt == attempts - 1
+        if sh(["up", "--workers", "2", "--no-mlflow", "--s3"], root, timeout=300, check=last).returncode == 0:
             return
-    sh(["up", "--workers", "2", "--no-mlflow", "--s3"], root, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,7 @@ def main() -> None:
 
     dataset = "digits" if args.quick or not FASHION.is_dir() else "fashion-mnist"
     repeats = 1 if args.quick else args.repeats
+    given_bundle = Path(args.bundle).resolve() if args.bundle else None  # before the chdir below
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         work = Path(tmp)
         (work / "pipelines").symlink_to(REPO / "pipelines")
@@ -109,7 +110,7 @@ def main() -> None:
         prepared = prepare(load_recipe(work / "pipelines" / f"{dataset}.yaml").data)
         data = read_prepared(prepared)
         test = data.splits["test"]
-        bundle = Path(args.bundle).resolve() if args.bundle else make_bundle(dataset, work, args.quick)
+        bundle = given_bundle or make_bundle(dataset, work, args.quick)
         write_folder(test.x, test.y, data.classes, work / "images")
 
         ceiling = model_only(bundle, test.x, args.batch_size, args.threads, repeats)

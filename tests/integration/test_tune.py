@@ -83,6 +83,13 @@ def test_search_tracks_trials_and_writes_a_best_recipe_that_trains(workdir, ray_
     assert all(abs(r["match_ratio"] - 1) <= 0.05 and r["match.widths"] for r in trials)
     assert "match.widths" in csv_lines[0] and "match_ratio" in csv_lines[0]
     assert json.loads((outcome.search_dir / "search.json").read_text())["match"] == "params"
+    # search.reuse_trial_processes: a trial process that finished runs a later trial (Tune's pid)
+    pids = {
+        json.loads(line)["pid"]
+        for path in (outcome.search_dir / "tune").glob("trial_*/result.json")
+        for line in path.read_text().splitlines()
+    }
+    assert 1 <= len(pids) < len(trials), pids
 
     best = load_recipe(outcome.best_yaml, ["train.epochs=1"])
     assert best.model.scales == outcome.best["model.scales"] and best.model.head == outcome.best["model.head"]

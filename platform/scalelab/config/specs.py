@@ -364,6 +364,12 @@ class SearchSpec(_Spec):
         "local", description="'local': loop in the trial process; 'workers': a TorchTrainer per trial."
     )
     cpus_per_trial: float = Field(1, gt=0, description="CPUs reserved per trial (local mode).")
+    reuse_trial_processes: bool = Field(
+        True,
+        description="Local mode: a trial process that finished (or that ASHA stopped) runs the next "
+        "trial, so torch and scalelab are imported once per process, not once per trial (Tune's "
+        "reuse_actors). Off: a fresh process per trial.",
+    )
     output_dir: str = Field(".scalelab/tune", description="Results table, best.yaml, Tune state.")
 
 

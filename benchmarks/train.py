@@ -9,7 +9,7 @@ Figures (digits, the default recipe's msresnet_s, fp32/bf16 as `precision: auto`
 - ``seconds_to_first_step``: from launching ``scalelab train ... train.workers=1`` (a fresh process,
   local Ray started by it, default embedded MLflow) to the first training step, with a breakdown
   of where the time goes; also the same with a running Ray head (``scalelab up``), which is how a
-  cluster is used.
+  cluster is used, and ``seconds_to_first_step_in_process`` with ``train.workers=0`` (no Ray).
 - ``two_vs_one_worker_speedup``: images/s of 2 workers x 1 CPU / 1 worker x 2 CPUs (the whole
   machine either way), and / 1 worker x 1 CPU.
 """
@@ -102,8 +102,12 @@ def on_ray(workers: int, cpus: int, name: str) -> dict:
     }
 
 
-def first_step(workdir: Path, env: dict, label: str) -> dict:
-    """Launch the CLI as a user would and split its time to the first step into phases."""
+def first_step(workdir: Path, env: dict, label: str, workers: int = 1) -> dict:
+    """Launch the CLI as a user would and split its time to the first step into phases.
+
+    ``workers=0``: the in-process loop (every recipe's default), no Ray; the MLflow run opens
+    beside the model build and the first epoch, so its phase is what remained at epoch 1's end.
+    """
     name = f"first-{label}"
     cmd = [
         str(Path(sys.executable).parent / "scalelab"),
@@ -111,7 +115,7 @@ def first_step(workdir: Path, env: dict, label: str) -> dict:
         "pipelines/digits.yaml",
         "model.variant=msresnet_s",
         "train.epochs=2",
-        "train.workers=1",
+        f"train.workers={workers}",
         f"train.run_name={name}",
     ]
     launched = time.time()
@@ -122,6 +126,18 @@ def first_step(workdir: Path, env: dict, label: str) -> dict:
     # the first step starts when epoch 1's training starts: its report time minus its duration
     # (minus the validation pass, which is a few ms on digits)
     step = t["first_epoch_reported"] - t["first_epoch_seconds"]
+    if workers == 0:
+        phases = {
+            "process start + imports -> run_training": t["run_training"] - launched,
+            "run_training -> first step (model build, loaders)": step - t["run_training"],
+            "MLflow run still opening at the end of epoch 1 (extra wait)": t["tracking_opened"]
+            - t["first_epoch_reported"],
+        }
+        return {
+            "seconds_to_first_step": step - launched,
+            "phases": {k: round(v, 2) for k, v in phases.items()},
+            "wall_seconds": time.time() - launched,
+        }
     phases = {
         "process start + imports -> run_training": t["run_training"] - launched,
         "ray.init / connect": t["ray_connected"] - t["run_training"],
@@ -147,6 +163,9 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     out: dict = {"note": "runs side by side in rounds; read ratios, not absolutes (see load_average_at_end)"}
 
+    print("time to first step: in-process (train.workers=0, the recipes' default; no Ray)", flush=True)
+    in_process = first_step(workdir, env, "in-process", workers=0)
+    print(json.dumps(in_process, indent=2), flush=True)
     print("time to first step: cold (the command starts its own local Ray)", flush=True)
     cold = first_step(workdir, env, "cold")
     print(json.dumps(cold, indent=2), flush=True)
@@ -192,6 +211,8 @@ def main() -> None:
         ray_vs_bare_epoch_wall_ratio=ratio("ray_1worker_1cpu", "bare_1thread", "epoch_wall_images_per_s"),
         seconds_to_first_step=round(cold["seconds_to_first_step"], 2),
         seconds_to_first_step_warm_cluster=round(warm["seconds_to_first_step"], 2),
+        seconds_to_first_step_in_process=round(in_process["seconds_to_first_step"], 2),
+        first_step_phases_in_process=in_process["phases"],
         first_step_phases_cold=cold["phases"],
         first_step_phases_warm=warm["phases"],
         two_vs_one_worker_speedup=ratio("ray_2workers_1cpu", "ray_1worker_2cpu"),

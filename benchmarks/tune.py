@@ -40,8 +40,12 @@ def best_metric(rows: list[dict], metric: str, status: str | None = None) -> flo
     return max(values) if values else float("nan")
 
 
-def overhead(recipe: str, out: str, mode: str, trials: int) -> tuple[float, list[float]]:
-    """Median scheduling -> first training step over ``trials`` one-epoch trials run one at a time."""
+def overhead(recipe: str, out: str, mode: str, trials: int, reuse: bool = True) -> tuple[float, list[float]]:
+    """Median scheduling -> first training step over ``trials`` one-epoch trials run one at a time.
+
+    ``reuse``: ``search.reuse_trial_processes`` (local mode): after the first trial, each runs in
+    the process the one before it finished in; off, every trial starts a process of its own.
+    """
     spec = load_recipe(
         recipe,
         {
@@ -51,13 +55,14 @@ def overhead(recipe: str, out: str, mode: str, trials: int) -> tuple[float, list
             "search.max_epochs": 1,
             "search.scheduler": "none",
             "search.max_concurrent_trials": 1,
+            "search.reuse_trial_processes": reuse,
             "model.variant": "msresnet_tiny",
             "tracking.enabled": False,
             "train.workers": 1,
             "search.space": {"train.lr": {"loguniform": [0.02, 0.3]}},
         },
     )
-    outcome = run_search(spec, name=f"overhead-{mode}", quiet=True)
+    outcome = run_search(spec, name=f"overhead-{mode}-{'reuse' if reuse else 'fresh'}", quiet=True)
     values = [r["startup_s"] for r in launched(outcome) if isinstance(r.get("startup_s"), float)]
     return median(values), values
 
@@ -93,6 +98,7 @@ def main() -> None:
         print(f"full budget: {len(full_rows)} trials in {full_wall:.1f}s, best test_acc {full.test_acc}")
 
         local_overhead, local_values = overhead(args.recipe, out, "local", args.overhead_trials)
+        fresh_overhead, fresh_values = overhead(args.recipe, out, "local", args.overhead_trials, reuse=False)
         workers_overhead, workers_values = (None, [])
         if not args.skip_workers:
             workers_overhead, workers_values = overhead(args.recipe, out, "workers", args.overhead_trials)
@@ -112,6 +118,8 @@ def main() -> None:
         "per_trial_overhead_s_local": round(local_overhead, 3),
         "per_trial_overhead_s_workers": round(workers_overhead, 3) if workers_overhead is not None else None,
         "overhead_samples_local": [round(v, 3) for v in local_values],
+        "per_trial_overhead_s_local_fresh_process": round(fresh_overhead, 3),
+        "overhead_samples_local_fresh_process": [round(v, 3) for v in fresh_values],
         "overhead_samples_workers": [round(v, 3) for v in workers_values],
         "overhead_in_16_trial_search_s_median": median(
             [r["startup_s"] for r in asha_rows if isinstance(r.get("startup_s"), float)] or [float("nan")]
@@ -129,7 +137,9 @@ def main() -> None:
         "full_epochs": full_epochs,
         "notes": (
             "overhead = scheduling -> first training step (first epoch report minus its duration), "
-            f"median of {args.overhead_trials} one-epoch msresnet_tiny trials run one at a time; "
+            f"median of {args.overhead_trials} one-epoch msresnet_tiny trials run one at a time "
+            "(local: trial processes reused, as searches run; local_fresh_process: one process per "
+            "trial, search.reuse_trial_processes=false); "
             "gaps are full-budget best minus ASHA best (positive: ASHA missed accuracy); "
             "see load_average_at_end for how busy the machine was"
         ),

@@ -1,5 +1,7 @@
 """A real local multi-node Ray cluster (`scalelab up --workers 2`), job submission through the Jobs
-API, a worker node killed mid-job, jobs logs/stop, bad job specs refused at submit, and `down`."""
+API, a worker node killed mid-job, jobs logs/stop, bad job specs refused at submit, and `down`.
+
+One cluster for the module; the last test stops it with `down` and checks that nothing is left."""
 
 from __future__ import annotations
 
@@ -31,14 +33,25 @@ def sh(args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> 
     return proc
 
 
+def up_stack(root: Path, attempts: int = 3) -> None:
+    """`scalelab up --workers 2 --no-mlflow --s3`: starts only what is missing. Ray gives a starting
+    raylet a fixed 30 s to register with the head, which a heavily loaded 2-core machine can exceed
+    (`up` then stops what it started): try again."""
+    for attempt in range(attempts):
+        last = attempt == attempts - 1
+        if sh(["up", "--workers", "2", "--no-mlflow", "--s3"], root, timeout=300, check=last).returncode == 0:
+            return
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """`scalelab up --workers 2` in a fresh project folder; `scalelab down` afterwards."""
+    """`scalelab up --workers 2 --s3` in a fresh project folder; `scalelab down` afterwards (the last
+    test, test_down_leaves_nothing_running, already ran it and checks what it stopped)."""
     root = tmp_path_factory.mktemp("cluster")
     for name in ("pipelines", "jobs"):
         shutil.copytree(REPO / name, root / name)
     env_backup = os.environ.pop("RAY_ADDRESS", None)
-    sh(["up", "--workers", "2", "--no-mlflow"], root, timeout=300)
+    up_stack(root)
     stack = json.loads((root / ".scalelab/stack.json").read_text())
     yield root, stack
     sh(["down"], root, check=False)
@@ -76,47 +89,74 @@ def wait_status(root: Path, sid: str, want: set[str], timeout: float = 300) -> s
     raise AssertionError(f"job {sid} not in {want} after {timeout}s:\n{out}")
 
 
-def test_spread_job_runs_on_two_nodes(cluster):
+def driver_log(stack: dict, sid: str) -> str:
+    """The job's driver log on the head (what `scalelab jobs logs` shows), read without a CLI call."""
+    path = Path(stack["ray_logs"]) / f"job-driver-{sid}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_spread_job_survives_a_killed_worker_node(cluster):
+    """A training job spread over both worker nodes, followed by `submit --wait`; one node is killed
+    mid-run and brought back: the job resumes from a checkpoint and succeeds, and the console it
+    streamed has one line per event."""
     root, stack = cluster
     assert len([s for s in stack["services"] if s["name"].startswith("ray")]) == 3  # head + 2 workers
     status = sh(["status"], root).stdout
     assert "ray-worker-1" in status and "dashboard_url" in status
-    out = sh(["submit", "jobs/train.yaml", *FAST, "train.epochs=2", "--wait"], root).stdout
-    assert "SUCCEEDED" in out
+    # Small batches make an epoch take seconds (~4.5 s idle); the node is killed within ~1 s of
+    # epoch 2's line (polling the driver log file), so most epochs are still to run when it dies.
+    epochs = 10
+    args = [
+        "submit",
+        "jobs/train.yaml",
+        *FAST,
+        f"train.epochs={epochs}",
+        "train.batch_size=16",
+        "train.lr=0.02",
+    ]
+    console = root / "submit-wait.log"
+    with open(console, "w") as out_file:
+        follower = subprocess.Popen(
+            [*SCALELAB, *args, "--wait"], cwd=root, stdout=out_file, stderr=subprocess.STDOUT, text=True
+        )
+    try:
+        sid, logs = None, ""
+        deadline = time.time() + 300
+        while "epoch   2" not in logs and time.time() < deadline:  # two checkpoints are in
+            time.sleep(0.5)
+            assert follower.poll() is None, console.read_text()[-3000:]
+            found = re.search(r"submitted (\S+)", console.read_text())
+            if found:
+                sid = found.group(1)
+                logs = driver_log(stack, sid)
+        assert "epoch   2" in logs, console.read_text()[-3000:]
+        seen = max(int(e) for e in re.findall(r"epoch\s+(\d+)\s+loss", logs))  # before the kill
+        assert seen < epochs - 2, logs[-2000:]
+        worker = next(s for s in stack["services"] if s["name"] == "ray-worker-1")
+        os.killpg(worker["pid"], signal.SIGKILL)  # the node dies with its raylet and workers
+        time.sleep(5)
+        up_stack(root)  # bring a node back
+        follower.wait(timeout=420)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    out = console.read_text()
+    assert follower.returncode == 0 and f"{sid}: SUCCEEDED" in out, out[-3000:]
     nodes = re.search(r"workers ran on (\d+) node\(s\): (.+)", out)
     assert nodes and int(nodes.group(1)) == 2, out[-3000:]
     # one line per event: each node's log monitor used to stream every worker's lines (3 nodes: 3x),
-    # between Ray Train's raw per-report dictionaries
-    for epoch in (1, 2):
-        assert len(re.findall(rf"epoch\s+{epoch}\s+loss", out)) == 1, out[-3000:]
+    # between Ray Train's raw per-report dictionaries. Checked on the epochs run after the kill with
+    # three nodes up: lines from before it come again (the node brought back reuses the dead node's
+    # log folder and its log monitor replays that node's files), and an epoch between the last
+    # checkpoint and the kill legitimately runs twice.
+    for epoch in range(seen + 2, epochs + 1):
+        assert len(re.findall(rf"epoch\s+{epoch}\s+loss", out)) == 1, (epoch, out[-3000:])
     assert "Reporting training result" not in out and "TrainingReport(" not in out
-
-
-def test_killed_worker_node_resumes_from_checkpoint(cluster):
-    root, stack = cluster
-    # long enough (small batches, many epochs) that the node dies mid-run even on an idle machine
-    sid = submission_id(
-        sh(
-            ["submit", "jobs/train.yaml", *FAST, "train.epochs=40", "train.batch_size=16", "train.lr=0.02"],
-            root,
-        ).stdout
-    )
-    logs = ""
-    deadline = time.time() + 300
-    while "epoch   2" not in logs and time.time() < deadline:  # two checkpoints are in
-        time.sleep(2)
-        logs = sh(["jobs", "logs", sid], root).stdout
-    assert "epoch   2" in logs, logs[-2000:]
-    worker = next(s for s in stack["services"] if s["name"] == "ray-worker-1")
-    os.killpg(worker["pid"], signal.SIGKILL)  # the node dies with its raylet and workers
-    time.sleep(5)
-    sh(["up", "--workers", "2", "--no-mlflow"], root, timeout=300)  # bring a node back
-    assert wait_status(root, sid, {"SUCCEEDED", "FAILED"}, timeout=420) == "SUCCEEDED"
-    logs = sh(["jobs", "logs", sid], root).stdout
-    job_dir = Path(re.search(r"job folder: (/\S+)", logs).group(1))
+    job_dir = Path(re.search(r"job folder: (/\S+)", out).group(1))
     metrics = json.loads(next(job_dir.glob("outputs/*/metrics.json")).read_text())
     history = metrics["history"]
-    assert [h["epoch"] for h in history][-1] == 40
+    assert [h["epoch"] for h in history][-1] == epochs
     assert max(h["resumed_from"] for h in history) >= 1  # restarted from a checkpoint, not from 0
     shutil.rmtree(job_dir, ignore_errors=True)
 
@@ -200,13 +240,18 @@ def test_bad_job_specs_fail_at_submit(cluster, tmp_path):
     assert "bad" not in sh(["jobs", "list"], root).stdout
 
 
-def test_down_leaves_nothing_running(tmp_path):
-    sh(["up", "--workers", "1", "--no-mlflow", "--s3"], tmp_path, timeout=300)
-    stack = json.loads((tmp_path / ".scalelab/stack.json").read_text())
+def test_down_leaves_nothing_running(cluster):
+    """Last in this module: `down` on the module's cluster (head, S3 server and the worker nodes,
+    one of them restarted by the killed-node test) rather than a second stack of its own."""
+    root, _ = cluster
+    up_stack(root)  # whatever an earlier test left: head, S3 and both worker nodes running
+    stack = json.loads((root / ".scalelab/stack.json").read_text())
     pids = pids_of(stack)
-    assert len(pids) == 3 and all(alive(p) for p in pids)
-    out = sh(["down"], tmp_path).stdout
-    assert out.count("stopped") == 3
+    names = sorted(s["name"] for s in stack["services"])
+    assert {"ray", "s3", "ray-worker-0", "ray-worker-1"} <= set(names), names
+    assert all(alive(p) for p in pids)
+    out = sh(["down"], root).stdout
+    assert out.count("stopped") == len(pids)
     time.sleep(1)
     assert not any(alive(p) for p in pids)
-    assert not (tmp_path / ".scalelab/stack.json").exists()
+    assert not (root / ".scalelab/stack.json").exists()

@@ -1,11 +1,16 @@
-"""`scalelab pipeline run` on digits end to end (small budget), against a real MLflow server, the
-session's Ray (Tune, Serve) and real HTTP: twice (the second skips), --from train, and a failure
-injected in the serve step that leaves registry and data untouched."""
+"""`scalelab pipeline run` on digits end to end (small budget), against a real MLflow server, Ray
+(Tune, Serve) and real HTTP. One pipeline run serves two checks: the first run is the real command
+on a Ray head of its own, whose console a user reads (short, quiet, says where things are); then
+the same project again in-process on the session's Ray: the second run skips, --from train reruns,
+and a failure injected in the serve step leaves registry and data untouched."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,11 @@ from scalelab.cluster.services import free_port
 from scalelab.pipeline.commands import run_pipeline
 from scalelab.pipeline.runner import StepFailed
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+LINE_BUDGET = 120
+STEPS = ["data", "tune", "train", "register", "promote", "serve", "smoke", "report"]
 
 
 def small(port: int) -> list[str]:
@@ -42,24 +51,58 @@ def serve_cleanup(ray_session):
     serve.shutdown()
 
 
-def test_pipeline_end_to_end_skip_rerun_and_failure(
+def check_console(out: str) -> None:
+    """What the first run's console says, and what it leaves out."""
+    lines = out.splitlines()
+    assert len(lines) <= LINE_BUDGET, f"{len(lines)} lines:\n{out}"
+    assert "smoke" in out and "pipeline done" in out
+    # Serve's access lines look like "... POST /v1/predict 200 3.1ms"; the smoke test sent 200 requests
+    per_request = [line for line in lines if re.search(r"(GET|POST) /v1/", line)]
+    assert sum("/v1/predict" in line for line in lines) <= 2, out
+    assert not per_request, per_request[:5]
+    assert "UserWarning" not in out and "Reporting training result" not in out
+    assert "View run" not in out and "Checkpoint successfully created" not in out
+    assert "authentication token" not in out
+    # what it does say: where the runs are, how to look at them, where the logs went
+    assert re.search(r"training: MLflow run [0-9a-f]{32} at http://127\.0\.0\.1:\d+", out), out[-3000:]
+    assert "view it: http://127.0.0.1:" in out
+    logs = re.search(r"logs: Ray (\S+) \(Serve's request logs in serve/\)", out)
+    assert logs, out[-2000:]
+    serve_logs = Path(logs.group(1)) / "serve"
+    assert any("/v1/predict" in p.read_text(errors="replace") for p in serve_logs.glob("*.log"))
+
+
+def test_pipeline_console_end_to_end_skip_rerun_and_failure(
     workdir, tracking_uri, ray_session, serve_cleanup, headless_chromium
 ):
     import mlflow
 
     over = small(free_port())
-    logs: list[str] = []
-    out = run_pipeline("pipelines/digits.yaml", over, None, None, log=logs.append)
-    assert [line.split()[1] for line in logs if "running" in line] == [
-        "data",
-        "tune",
-        "train",
-        "register",
-        "promote",
-        "serve",
-        "smoke",
-        "report",
-    ]
+    # the first run: the real command, on a Ray head it starts itself (stopped by `down` below)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_LOG_TO_STDERR")}
+    env["PYTHONPATH"] = str(REPO / "platform")
+    cmd = [sys.executable, "-m", "scalelab.cli"]
+    try:
+        proc = subprocess.run(
+            [*cmd, "pipeline", "run", "pipelines/digits.yaml", *over],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+        console = proc.stdout + proc.stderr
+        assert proc.returncode == 0, console[-4000:]
+        assert re.findall(r"\[\d/8\] (\w+)\s+running", console) == STEPS, console[-3000:]
+        check_console(console)
+
+        # second run (in-process): every step is up to date, the service on the head still answers
+        logs: list[str] = []
+        out = run_pipeline("pipelines/digits.yaml", over, None, None, log=logs.append)
+        assert len(logs) == len(STEPS) and all("skipped" in line for line in logs), logs
+    finally:
+        subprocess.run([*cmd, "down"], capture_output=True, text=True, timeout=120, env=env)
+
+    # the first run's outputs (the second run returns them from the pipeline's saved state)
     smoke = out["smoke"]
     assert smoke["errors"] == 0 and smoke["images"] > 50
     assert abs(smoke["served_test_acc"] - smoke["offline_test_acc"]) <= 0.03
@@ -70,6 +113,7 @@ def test_pipeline_end_to_end_skip_rerun_and_failure(
     client = mlflow.MlflowClient(tracking_uri)
     arts = [a.path for a in client.list_artifacts(out["report"]["logged_to_run"], "report")]
     assert "report/report.html" in arts
+    assert re.search(rf"training: MLflow run {out['train']['run_id']} at ", console)
 
     # the report renders in headless Chromium (screenshot)
     chromium = headless_chromium(workdir / "chrome")
@@ -88,14 +132,10 @@ def test_pipeline_end_to_end_skip_rerun_and_failure(
         )
         assert shot.is_file() and shot.stat().st_size > 20_000
 
-    # second run: every step is up to date
-    logs.clear()
-    again = run_pipeline("pipelines/digits.yaml", over, None, None, log=logs.append)
-    assert all("skipped" in line for line in logs), logs
-    assert again["register"]["version"] == out["register"]["version"]
-
-    # --from train: training and everything after it run again
-    logs.clear()
+    # --from train, on the session's Ray (the first head is down; a new port for its service):
+    # training and everything after it run again
+    over = small(free_port())
+    logs = []
     rerun = run_pipeline("pipelines/digits.yaml", over, "train", None, log=logs.append)
     ran = [line.split()[1] for line in logs if "running" in line]
     assert ran[0] == "train" and "data" not in ran and "tune" not in ran

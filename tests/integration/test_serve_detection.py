@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from scalelab.cluster.services import free_port
-from scalelab.config import ServeSpec, load_recipe
+from scalelab.config import ServeSpec
 
 pytestmark = pytest.mark.integration
 
@@ -31,26 +31,14 @@ def iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def test_served_detection_boxes_in_original_pixels(workdir, ray_session):
+def test_served_detection_boxes_in_original_pixels(workdir, ray_session, scenes_detector):
     from ray import serve
 
-    from scalelab.data import load_dataset
     from scalelab.serve.deploy import build_application
     from scalelab.serve.settings import replica_config
-    from scalelab.train.api import run_training
 
-    spec = load_recipe(
-        "pipelines/scenes.yaml",
-        [
-            "data.scenes.num_scenes=1200",
-            "train.epochs=8",
-            "train.threads=1",
-            "tracking.enabled=false",
-            "train.run_name=det-serve",
-        ],
-    )
-    out = run_training(spec)
-    test = load_dataset(spec.data).splits["test"]
+    # the session's short detection run (tests/conftest.py), also checked offline by the unit tests
+    out, test = scenes_detector.outcome, scenes_detector.test
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

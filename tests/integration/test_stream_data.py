@@ -5,15 +5,24 @@
   gives identical shards;
 - two Ray Train workers stream digits shards straight from the DVC remote on S3; one is killed
   mid-epoch right after a step checkpoint: the resumed epoch consumes every planned sample exactly
-  once (asserted on sample ids), and accuracy is in line with the in-memory path.
+  once (asserted on sample ids), and accuracy is in line with the in-memory path;
+- the S3 endpoint stops mid-epoch and comes back on the same port: a short outage is waited out
+  and the epoch completes; a longer one fails naming the endpoint, and the rerun resumes exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -114,24 +123,123 @@ def test_prepare_from_folder_and_s3_prefix_then_dvc_push_pull(
     assert digests(local) == before
 
 
+# ----------------------------------------------------------------------------- streaming from S3
+
+STREAM = ["data.name=digits_shards", "data.format=stream", "data.row_group_rows=32"]
+
+
+class RestorableS3:
+    """A moto S3 endpoint the test stops and brings back on the same port with its objects (see
+    ``s3_restorable.py``: moto alone would come back empty)."""
+
+    def __init__(self, state: Path) -> None:
+        from scalelab.cluster.services import free_port
+
+        self.state, self.port = state, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.snapshot = state / "snapshot"
+        self.snapshot.mkdir(parents=True)
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        from scalelab.cluster.services import wait_http
+
+        log = self.state / "s3.log"
+        script = Path(__file__).with_name("s3_restorable.py")
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(script), str(self.port), str(self.snapshot)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_http(f"{self.url}/moto-api/", 60, self.proc, str(log))
+
+    def stop(self) -> None:
+        """Keep every object in the snapshot (once), then kill the server: the endpoint is gone."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.url)
+        if not any(self.snapshot.iterdir()):
+            for bucket in client.list_buckets()["Buckets"]:
+                (self.snapshot / bucket["Name"]).mkdir()
+                for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+                    for obj in page.get("Contents", []):
+                        dest = self.snapshot / bucket["Name"] / obj["Key"]
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        body = client.get_object(Bucket=bucket["Name"], Key=obj["Key"])["Body"].read()
+                        dest.write_bytes(body)
+        self.close()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def digits_on_s3(tmp_path_factory):
+    """digits prepared as shards in a git + DVC repository, pushed to its DVC remote on a moto S3
+    endpoint that can be stopped and brought back, and the local copy removed: the shards exist
+    only on S3. Module-wide: the streaming tests share this setup (each uses its own run name)."""
+    for var, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        os.environ.setdefault(var, value)
+    root = tmp_path_factory.mktemp("digits-on-s3")
+    s3 = RestorableS3(root / "s3")
+    repo = root / "repo"
+    repo.mkdir()
+    identity = {
+        f"GIT_{w}_{k}": v for w in ("AUTHOR", "COMMITTER") for k, v in (("NAME", "t"), ("EMAIL", "t@t"))
+    }
+    env = {
+        **os.environ,
+        **identity,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(root / "dvc-site-cache"),
+    }
+
+    def sh(*args: str) -> None:
+        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=300)
+
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket="shards")
+        sh("git", "init", "-q")
+        sh("dvc", "init", "-q")
+        (repo / "pipelines").symlink_to(Path(__file__).resolve().parents[2] / "pipelines")
+        cwd = Path.cwd()
+        os.chdir(repo)
+        try:
+            prepare(load_recipe("pipelines/digits.yaml", STREAM).data)
+        finally:
+            os.chdir(cwd)
+        sh("dvc", "add", "-q", "data/digits_shards")
+        sh("git", "add", "-A")
+        sh("git", "commit", "-qm", "digits shards")
+        configure_remote(repo, "s3", "s3://shards/dvc", s3.url, local=True)
+        sh("dvc", "push", "-q", "data/digits_shards")
+        shutil.rmtree(repo / "data" / "digits_shards")  # no local copy anywhere: S3 only
+        shutil.rmtree(repo / ".dvc" / "cache")
+        yield SimpleNamespace(repo=repo, s3=s3)
+    finally:
+        s3.close()
+
+
 def test_two_workers_stream_from_the_s3_remote_and_resume_mid_epoch_exactly_once(
-    dvc_repo: Path, sh, ray_session, s3_server, s3_bucket: str, monkeypatch, tmp_path: Path
+    digits_on_s3, ray_session, monkeypatch, tmp_path: Path
 ):
-    from scalelab.data.stream import PlanLoader, StreamConfig
     from scalelab.data.stream_source import load_remote_stream
     from scalelab.train.api import run_training
 
-    (dvc_repo / "pipelines").symlink_to(Path(__file__).resolve().parents[2] / "pipelines")
-    stream = ["data.name=digits_shards", "data.format=stream", "data.row_group_rows=32"]
-    prepare(load_recipe("pipelines/digits.yaml", stream).data)
-    sh("dvc", "add", "-q", "data/digits_shards")
-    sh("git", "add", "-A")
-    sh("git", "commit", "-qm", "digits shards")
-    configure_remote(dvc_repo, "s3", f"s3://{s3_bucket}/dvc", s3_server.url, local=True)
-    sh("dvc", "push", "-q", "data/digits_shards")
-    shutil.rmtree(dvc_repo / "data" / "digits_shards")  # no local copy anywhere: S3 only
-    shutil.rmtree(dvc_repo / ".dvc" / "cache")
-
+    monkeypatch.chdir(digits_on_s3.repo)
     log = tmp_path / "samples.jsonl"
     monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(log))
     monkeypatch.setenv("SCALELAB_FAULT_INJECT", f"rank=1,epoch=1,step=10,marker={tmp_path / 'killed'}")
@@ -139,7 +247,7 @@ def test_two_workers_stream_from_the_s3_remote_and_resume_mid_epoch_exactly_once
     spec = load_recipe(
         "pipelines/digits.yaml",
         FAST
-        + stream
+        + STREAM
         + epochs
         + ["data.stream_from=remote", "train.workers=2", "train.checkpoint_every_steps=5"],
     )
@@ -150,7 +258,7 @@ def test_two_workers_stream_from_the_s3_remote_and_resume_mid_epoch_exactly_once
     assert resumed_at in (160, 320)  # step 10 (or 5, if Ray missed the last checkpoint) x 32 samples
 
     # epoch 2 (index 1): samples consumed before the checkpoint + after the resume = the plan, once
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows = rows_of(log)
     first_pids = {r["pid"] for r in rows if r["epoch"] == 0}
     data = load_remote_stream(spec.data)
     for rank in (0, 1):
@@ -159,12 +267,7 @@ def test_two_workers_stream_from_the_s3_remote_and_resume_mid_epoch_exactly_once
         assert after and after[0]["start"] == resumed_at
         seen = [i for r in before if r["start"] < resumed_at for i in r["ids"]]
         seen += [i for r in after for i in r["ids"]]
-        cfg = StreamConfig(data.source, data.meta["shards"]["train"], 32, 1, data.mean, data.std)
-        planned = PlanLoader(cfg, 32, window=spec.data.shuffle_window, rank=rank, world_size=2)
-        planned.set_epoch(1)
-        plan = planned.plan()
-        expected = [i for w in plan.windows for i in planned_ids(data, w)]
-        assert seen == expected[: plan.samples]  # exactly once, in the planned order
+        assert seen == planned_epoch(data, spec, 1, rank, 2)  # exactly once, in the planned order
 
     # accuracy in line with the in-memory path on the same data, seed and budget (a loose bound)
     memory = run_training(load_recipe("pipelines/digits.yaml", FAST + epochs[:1] + ["train.run_name=mem"]))
@@ -172,8 +275,98 @@ def test_two_workers_stream_from_the_s3_remote_and_resume_mid_epoch_exactly_once
     assert out.metrics["test_acc"] >= memory.metrics["test_acc"] - 0.2
 
 
-def planned_ids(data, window) -> list[int]:
-    from scalelab.data.stream import read_window
+def test_s3_outage_mid_epoch_is_retried_or_fails_naming_the_endpoint_and_resumes_exactly(
+    digits_on_s3, monkeypatch, tmp_path: Path, caplog
+):
+    """The in-process path (the same ShardSource reads that Ray Data tasks run) streams from the DVC
+    remote while its S3 endpoint goes away mid-epoch: for ~5 s (within data.read_retry_s) the epoch
+    waits and completes with every planned sample once; for longer than data.read_retry_s the run
+    fails naming the endpoint, and running it again resumes the epoch exactly where it stopped."""
+    from scalelab.data.stream_source import load_remote_stream
+    from scalelab.train.api import run_training
 
-    ids, _, _ = read_window(data.source, data.meta["shards"]["train"], window, 1)
-    return ids.tolist()
+    monkeypatch.chdir(digits_on_s3.repo)
+    s3 = digits_on_s3.s3
+    run = (
+        FAST + STREAM + ["data.stream_from=remote", "train.checkpoint_every_steps=5", "train.run_name=outage"]
+    )
+    logs = [tmp_path / f"samples-{i}.jsonl" for i in range(3)]
+
+    # 1. an outage shorter than data.read_retry_s: the epoch waits for the endpoint, then completes
+    def outage() -> None:
+        s3.stop()
+        time.sleep(2)  # + the restart: the endpoint is away ~5 s
+        s3.start()
+
+    monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(logs[0]))
+    caplog.set_level(logging.WARNING, logger="scalelab.data.shards")
+    watcher = after_batches(logs[0], epoch=0, count=3, then=outage)
+    spec = load_recipe("pipelines/digits.yaml", run + ["train.epochs=1", "data.read_retry_s=60"])
+    out = run_training(spec)
+    watcher.join()
+    assert f"endpoint {s3.url}" in caplog.text and "retrying for up to 60 s" in caplog.text
+    data = load_remote_stream(spec.data)
+    assert sampled(logs[0], epoch=0) == planned_epoch(data, spec, 0)  # complete, each sample once
+    assert [h["epoch"] for h in out.history] == [1]
+
+    # 2. an outage longer than data.read_retry_s: a clear failure naming the endpoint ...
+    monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(logs[1]))
+    longer = load_recipe("pipelines/digits.yaml", run + ["train.epochs=2", "data.read_retry_s=1"])
+    watcher = after_batches(logs[1], epoch=1, count=12, then=s3.stop)
+    with pytest.raises(
+        DataError, match=rf"S3 endpoint {s3.url} did not answer .* run the same command again"
+    ):
+        run_training(longer)
+    watcher.join()
+    s3.start()
+    # ... and running it again resumes that epoch at the exact sample where it stopped
+    monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(logs[2]))
+    resumed = run_training(longer)
+    at = resumed.history[1]["resumed_at_sample"]
+    assert at in (640, 960)  # the step-10 or step-15 checkpoint (64 samples a step)
+    before = [r for r in rows_of(logs[1]) if r["epoch"] == 1 and r["start"] < at]
+    after = [r for r in rows_of(logs[2]) if r["epoch"] == 1]
+    assert after[0]["start"] == at
+    assert [i for r in before + after for i in r["ids"]] == planned_epoch(data, longer, 1)
+
+
+def after_batches(log: Path, epoch: int, count: int, then) -> threading.Thread:
+    """Run ``then()`` in a thread once ``count`` training batches of ``epoch`` are in the sample log."""
+
+    def watch() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if log.exists() and sum(r["epoch"] == epoch for r in rows_of(log)) >= count:
+                then()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def rows_of(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def sampled(log: Path, epoch: int) -> list[int]:
+    return [i for r in rows_of(log) if r["epoch"] == epoch for i in r["ids"]]
+
+
+def planned_epoch(data, spec, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The sample ids of ``rank``'s part of ``epoch``'s deterministic plan, in order."""
+    from scalelab.data.stream import planned_ids
+    from scalelab.train.loop import per_worker_batch
+
+    return planned_ids(
+        data.source,
+        data.meta["shards"]["train"],
+        int(data.meta["row_group_rows"]),
+        seed=spec.train.seed,
+        epoch=epoch,
+        window=spec.data.shuffle_window,
+        rank=rank,
+        world_size=world_size,
+        batch=per_worker_batch(spec.train.batch_size, world_size, spec.train.grad_accum_steps),
+    )

@@ -83,6 +83,13 @@ def test_search_tracks_trials_and_writes_a_best_recipe_that_trains(workdir, ray_
     assert all(abs(r["match_ratio"] - 1) <= 0.05 and r["match.widths"] for r in trials)
     assert "match.widths" in csv_lines[0] and "match_ratio" in csv_lines[0]
     assert json.loads((outcome.search_dir / "search.json").read_text())["match"] == "params"
+    # search.reuse_trial_processes: a trial process that finished runs a later trial (Tune's pid)
+    pids = {
+        json.loads(line)["pid"]
+        for path in (outcome.search_dir / "tune").glob("trial_*/result.json")
+        for line in path.read_text().splitlines()
+    }
+    assert 1 <= len(pids) < len(trials), pids
 
     best = load_recipe(outcome.best_yaml, ["train.epochs=1"])
     assert best.model.scales == outcome.best["model.scales"] and best.model.head == outcome.best["model.head"]
@@ -111,6 +118,9 @@ def test_search_tracks_trials_and_writes_a_best_recipe_that_trains(workdir, ray_
 
 
 def test_over_budget_configuration_is_never_launched(workdir, ray_session, tracking_uri):
+    """Also the Tune path of streamed data: the launched trial is a TorchTrainer (trial_mode
+    workers) whose worker trains on Parquet shards through Ray Data (the dataset exists only as
+    shards, so nothing else could have fed it)."""
     from mlflow.tracking import MlflowClient
 
     from scalelab.tune.driver import run_search
@@ -129,13 +139,22 @@ def test_over_budget_configuration_is_never_launched(workdir, ray_session, track
             "search.max_epochs": 1,
             "search.scheduler": "none",
             "search.max_params": small * 2,
+            "search.trial_mode": "workers",
+            "data.name": "digits_shards",
+            "data.format": "stream",
+            "data.row_group_rows": 64,
         }
     )
     outcome = run_search(spec, name="budget", quiet=True)
+    assert (
+        json.loads((workdir / "data" / "digits_shards" / "metadata.json").read_text())["format"] == "shards"
+    )
+    assert not (workdir / "data" / "digits").exists()
 
     launched = [r for r in outcome.rows if r["status"] != "pruned"]
     pruned = [r for r in outcome.rows if r["status"] == "pruned"]
     assert [r["model.base_width"] for r in launched] == [8]
+    assert launched[0]["status"] == "completed" and launched[0]["epochs"] == 1  # streamed, to the end
     assert [r["model.base_width"] for r in pruned] == [64]
     assert "search.max_params" in pruned[0]["reason"] and pruned[0]["params"] > small * 2
     # Tune never created a trial for it: one trial folder, one trial in the experiment state
@@ -179,7 +198,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(workdir):
         "train.threads=1",
         "tracking.enabled=false",
         f"search.space={space}",
-        "search.num_samples=4",
+        "search.num_samples=3",
         "search.max_epochs=3",
         "search.scheduler=none",
         "search.max_concurrent_trials=1",
@@ -223,7 +242,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(workdir):
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after = _trial_states(search_dir)
-    assert len(after) == 4 and set(after.values()) == {"TERMINATED"}  # the searcher did not start over
+    assert len(after) == 3 and set(after.values()) == {"TERMINATED"}  # the searcher did not start over
     assert set(finished) <= set(after)
     for t in finished:  # not rerun: the same three epochs, started once
         assert (
@@ -232,5 +251,5 @@ def test_killed_search_resumes_without_rerunning_finished_trials(workdir):
         )
         assert json.loads((search_dir / "trials.json").read_text())["trials"][t]["starts"] == 1
     rows = (search_dir / "results.csv").read_text().splitlines()[1:]
-    assert len(rows) == 4 and all(",completed," in r for r in rows)
+    assert len(rows) == 3 and all(",completed," in r for r in rows)
     assert (search_dir / "best.yaml").is_file()

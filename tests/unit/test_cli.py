@@ -4,6 +4,7 @@ command writes into (the recipe's, never the folder it happens to be run from)."
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -37,19 +38,41 @@ def test_every_verb_is_a_module_function_whose_docstring_is_the_listed_help(verb
     assert all(p.kind is not p.KEYWORD_ONLY for p in inspect.signature(command).parameters.values())
 
 
-def test_help_and_the_verb_listing_import_no_engine():
+ENGINES = ("torch", "ray", "mlflow", "dvc")  # none is needed to list verbs or variants
+
+
+def run_cli_listing_modules(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``scalelab ARGS`` in a fresh interpreter; its stdout ends with the engines it imported and
+    whether it imported pydantic (typer needs it to read a verb's parameters, not to list verbs)."""
     code = (
         "import sys\n"
         "from scalelab.cli import main\n"
-        "sys.argv = ['scalelab', '--help']\n"
+        f"sys.argv = ['scalelab', *{args!r}]\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "heavy = sorted(m for m in ('torch', 'ray', 'mlflow', 'dvc') if m in sys.modules)\n"
-        "print('HEAVY', heavy)\n"
+        f"print('HEAVY', sorted(m for m in {ENGINES!r} if m in sys.modules))\n"
+        "print('PYDANTIC', 'pydantic' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
-    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_help_and_the_verb_listing_import_no_engine():
+    out = run_cli_listing_modules(["--help"], ENV)
+    assert "HEAVY []" in out.stdout and "PYDANTIC False" in out.stdout, out.stdout + out.stderr
     for verb in ("train", "pipeline", "evaluate", "serve"):  # listed without importing their modules
         assert verb in out.stdout
+
+
+def test_models_variants_from_the_cache_imports_no_engine(tmp_path: Path):
+    from scalelab.config.variants import list_models
+    from scalelab.models.summary import cache_key
+
+    # the cache `scalelab models variants` reads (written by the first listing, which needs torch)
+    cache = tmp_path / "scalelab" / f"variants-{cache_key(1, 28, 10)}.json"
+    cache.parent.mkdir()
+    cache.write_text(json.dumps({name: {"params": 4321, "flops": 9_000_000} for name in list_models()}))
+    out = run_cli_listing_modules(["models", "variants"], {**ENV, "XDG_CACHE_HOME": str(tmp_path)})
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    assert "msresnet_tiny" in out.stdout and "4,321" in out.stdout  # the rows, from that cache
 
 
 def test_unknown_verb_is_a_usage_error():

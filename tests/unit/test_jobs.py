@@ -102,3 +102,11 @@ def test_no_secrets_in_manifests():
             continue
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc.get("kind") != "Secret" and "stringData" not in str(doc), path.name
+
+
+def test_a_job_can_stream_its_data_from_the_remote():
+    spec = load_job_spec(REPO / "jobs/train-stream.yaml")
+    recipe = validate_job(spec, REPO)
+    assert recipe.data.format == "stream" and recipe.data.stream_from == "remote"
+    assert recipe.train.workers == 2 and recipe.train.checkpoint_every_steps == 50
+    assert recipe.train.memory_per_worker_mb == 2000

@@ -121,3 +121,19 @@ def test_test_time_flip_refused_on_digits(workdir: Path):
     with pytest.raises(ConfigError, match="not left-right symmetric"):
         run_training(spec)
     assert not (workdir / ".scalelab" / "runs").exists()  # refused before any run state is written
+
+
+def test_tracking_that_cannot_open_still_fails_the_run(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    """The MLflow run opens beside the first epoch (off the path to the first step); a tracking
+    server that cannot be reached still fails the run with the error that says what to do."""
+    from scalelab.cluster.services import free_port
+    from scalelab.errors import TrackingError
+
+    monkeypatch.setenv("SCALELAB_MLFLOW_OPEN_ATTEMPTS", "1")
+    overrides = [o for o in FAST if not o.startswith("tracking.")] + [
+        "train.epochs=1",
+        "train.run_name=untracked",
+        f"tracking.uri=http://127.0.0.1:{free_port()}",  # nothing listens there
+    ]
+    with pytest.raises(TrackingError, match="tracking.enabled=false"):
+        run_training(load_recipe("pipelines/digits.yaml", overrides))

@@ -176,8 +176,9 @@ class DataSpec(_Spec):
     memory_budget_mb: int | None = Field(
         None,
         ge=1,
-        description="Memory one training worker may spend on data, for format 'auto' "
-        "(None: a quarter of this machine's memory).",
+        description="Memory one training worker may spend on data (None: a quarter of this machine's "
+        "memory). 'auto' prepares a train split larger than half of it as shards; training refuses an "
+        "in-memory dataset larger than it, or than train.memory_per_worker_mb.",
     )
     shard_mb: float = Field(
         128.0, gt=0, description="Stream format: target size of one Parquet shard, in MB of encoded images."
@@ -196,6 +197,13 @@ class DataSpec(_Spec):
         description="Stream format: read shards from the prepared folder ('local'), or straight from "
         "the DVC remote's objects of the recorded version ('remote': S3, nothing downloaded first; "
         "the folder need not exist on any node, only its .dvc/dvc.lock entry).",
+    )
+    read_retry_s: float = Field(
+        120.0,
+        ge=0,
+        description="Stream format, shards on S3: how long a read keeps retrying while the store does "
+        "not answer (backoff 0.5 s doubling to 8 s) before training fails with an error naming the "
+        "endpoint. Running the same command again then resumes from the last checkpoint.",
     )
     endpoint_url: str | None = Field(
         None,
@@ -246,6 +254,13 @@ class TrainSpec(_Spec):
     workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs the loop in-process.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU + gloo otherwise.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per Ray Train worker.")
+    memory_per_worker_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Memory Ray reserves for each Ray Train worker (its 'memory' resource, in MB; None: "
+        "none reserved). Also caps the data a worker may hold: an in-memory dataset larger than this "
+        "(or than data.memory_budget_mb) is refused before training starts.",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers on nodes."
     )
@@ -349,6 +364,12 @@ class SearchSpec(_Spec):
         "local", description="'local': loop in the trial process; 'workers': a TorchTrainer per trial."
     )
     cpus_per_trial: float = Field(1, gt=0, description="CPUs reserved per trial (local mode).")
+    reuse_trial_processes: bool = Field(
+        True,
+        description="Local mode: a trial process that finished (or that ASHA stopped) runs the next "
+        "trial, so torch and scalelab are imported once per process, not once per trial (Tune's "
+        "reuse_actors). Off: a fresh process per trial.",
+    )
     output_dir: str = Field(".scalelab/tune", description="Results table, best.yaml, Tune state.")
 
 

@@ -36,18 +36,31 @@ def prepared_path(spec: DataSpec) -> Path:
     return Path(spec.data_dir) / spec.name
 
 
-def memory_budget_mb(spec: DataSpec) -> float:
-    """What one worker may spend on data: ``data.memory_budget_mb``, else a quarter of this machine."""
-    if spec.memory_budget_mb:
-        return float(spec.memory_budget_mb)
+def memory_budget_mb(spec: DataSpec, worker_memory_mb: float | None = None) -> tuple[float, str]:
+    """What one training worker may spend on data, and where that figure comes from: the smaller of
+    ``data.memory_budget_mb`` and the memory Ray reserves per worker (``train.memory_per_worker_mb``,
+    passed as ``worker_memory_mb``), else a quarter of this machine's memory."""
+    given = [
+        (float(v), name)
+        for v, name in (
+            (spec.memory_budget_mb, "data.memory_budget_mb"),
+            (worker_memory_mb, "train.memory_per_worker_mb, Ray's memory resource per worker"),
+        )
+        if v
+    ]
+    if given:
+        return min(given)
     import os
 
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / 1e6
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6
+    return machine / 4, "a quarter of this machine's memory: set data.memory_budget_mb to change it"
 
 
-def choose_format(spec: DataSpec, decoded_train_mb: float) -> tuple[str, str]:
+def choose_format(
+    spec: DataSpec, decoded_train_mb: float, worker_memory_mb: float | None = None
+) -> tuple[str, str]:
     """(``memory`` | ``stream``, the reason) for a train split of ``decoded_train_mb`` decoded."""
-    budget = memory_budget_mb(spec)
+    budget, _ = memory_budget_mb(spec, worker_memory_mb)
     if spec.format != "auto":
         return spec.format, f"data.format={spec.format} in the recipe"
     if decoded_train_mb <= budget / 2:

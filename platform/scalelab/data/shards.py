@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ import numpy as np
 from scalelab.data.dataset import SPLITS, Dataset, Split, metadata_fields, sha256_file
 from scalelab.errors import DataError
 
+log = logging.getLogger(__name__)
 FORMAT = "shards"
 COLUMNS = ("id", "label", "image")
 
@@ -231,11 +234,20 @@ def decode_rows(cols: dict[str, Any], channels: int, where: str) -> np.ndarray:
 @dataclass
 class ShardSource:
     """Where a sharded dataset's files are: a local folder, or objects on S3 (``urls`` maps each
-    shard's relative path to its object, e.g. DVC's content-addressed ``files/md5/xx/yyyy``)."""
+    shard's relative path to its object, e.g. DVC's content-addressed ``files/md5/xx/yyyy``).
+
+    Reads from S3 survive an outage of the store: a read that fails with a network or server error
+    (after pyarrow's own few quick retries) is tried again with exponential backoff (0.5 s doubling
+    to 8 s) for up to ``retry_s`` seconds (``data.read_retry_s``), then fails with a
+    :class:`DataError` naming the endpoint. The read restarts from the shard's footer each time, so
+    a retried read returns exactly the rows asked for: an outage can delay an epoch, never shorten it.
+    """
 
     root: str
     filesystem: Any = None  # pyarrow.fs.FileSystem for S3, None for local files
     urls: dict[str, str] = field(default_factory=dict)
+    endpoint: str | None = None  # the S3 endpoint, for messages (None: AWS itself)
+    retry_s: float = 120.0
 
     def locate(self, relpath: str) -> str:
         return self.urls.get(relpath) or str(Path(self.root) / relpath)
@@ -253,8 +265,8 @@ class ShardSource:
                 f"shard {shard['file']} is missing ({where}); run `dvc pull` / `dvc checkout` or "
                 f"`scalelab data prepare` again"
             ) from exc
-        except OSError as exc:
-            raise DataError(f"cannot read shard {shard['file']} at {where}: {exc}") from exc
+        except OSError:
+            raise  # the store did not answer (S3: retried by read_columns)
         except Exception as exc:  # noqa: BLE001 - pyarrow: not a Parquet file (truncated, replaced)
             raise DataError(
                 f"shard {shard['file']} at {where} is not a readable Parquet file ({exc}); "
@@ -265,18 +277,63 @@ class ShardSource:
         self, shard: dict[str, Any], columns: list[str], row_groups: list[int] | None = None
     ) -> dict[str, Any]:
         """Columns of a shard (or of some of its row groups) as numpy arrays / lists of bytes."""
-        pf = self.open(shard)
-        try:
-            table = pf.read(columns) if row_groups is None else pf.read_row_groups(row_groups, columns)
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(
-                f"cannot read shard {shard['file']} ({self.locate(shard['file'])}): {exc}"
-            ) from exc
+        failed_at, delay = None, 0.5
+        while True:
+            try:
+                table = self._read(shard, columns, row_groups)
+                break
+            except OSError as exc:
+                if self.filesystem is None or isinstance(exc, FileNotFoundError):
+                    raise DataError(
+                        f"cannot read shard {shard['file']} at {self.locate(shard['file'])}: {exc}"
+                    ) from exc
+                now = time.monotonic()
+                failed_at = failed_at or now
+                if now - failed_at + delay > self.retry_s:
+                    raise DataError(self._outage_message(shard, now - failed_at, exc)) from exc
+                if delay == 0.5:
+                    log.warning(
+                        "reading shard %s from s3://%s (endpoint %s) failed: %s; retrying for up to %.0f s",
+                        shard["file"],
+                        self.locate(shard["file"]),
+                        self.endpoint or "AWS",
+                        exc,
+                        self.retry_s,
+                    )
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+        if failed_at is not None:
+            log.warning(
+                "read shard %s after %.1f s of retries (endpoint %s)",
+                shard["file"],
+                time.monotonic() - failed_at,
+                self.endpoint or "AWS",
+            )
         out: dict[str, Any] = {}
         for c in columns:
             col = table.column(c)
             out[c] = col.to_pylist() if c == "image" else col.to_numpy()
         return out
+
+    def _read(self, shard: dict[str, Any], columns: list[str], row_groups: list[int] | None):
+        pf = self.open(shard)
+        try:
+            return pf.read(columns) if row_groups is None else pf.read_row_groups(row_groups, columns)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(
+                f"cannot read shard {shard['file']} ({self.locate(shard['file'])}): {exc}"
+            ) from exc
+
+    def _outage_message(self, shard: dict[str, Any], waited: float, exc: BaseException) -> str:
+        return (
+            f"cannot read shard {shard['file']} from s3://{self.locate(shard['file'])}: the S3 endpoint "
+            f"{self.endpoint or 'AWS S3'} did not answer for {waited:.0f} s of retries "
+            f"(data.read_retry_s={self.retry_s:g}): {exc}. Check that the endpoint is up, then run the "
+            f"same command again (same train.run_name): training resumes from its last checkpoint, at "
+            f"the exact sample where it stopped with train.checkpoint_every_steps"
+        )
 
 
 def verify_shards(root: Path, meta: dict[str, Any]) -> None:

@@ -131,6 +131,39 @@ def rank_plan(
     return RankPlan(epoch, part, samples, start=skip)
 
 
+def planned_ids(
+    source: ShardSource,
+    shards: list[dict[str, Any]],
+    row_group_rows: int,
+    *,
+    seed: int,
+    epoch: int,
+    window: int,
+    rank: int,
+    world_size: int,
+    batch: int,
+) -> list[int]:
+    """The sample ids of ``rank``'s part of an epoch, in plan order, from the id column alone (no
+    image is decoded): what a correct run consumes in that epoch, each once. Tests and the
+    resume benchmark compare the sample log against it."""
+    ids = [source.read_columns(s, ["id"])["id"] for s in shards]
+    plan = rank_plan(
+        shards,
+        row_group_rows,
+        seed=seed,
+        epoch=epoch,
+        window=window,
+        rank=rank,
+        world_size=world_size,
+        batch=batch,
+    )
+    out: list[int] = []
+    for w in plan.windows:  # a window's order indexes its row groups' rows, shard by shard
+        rows = np.concatenate([ids[s][g * row_group_rows : (g + 1) * row_group_rows] for s, g in w.groups])
+        out += rows[w.order].tolist()
+    return out
+
+
 # ----------------------------------------------------------------------------- reading a window
 
 

@@ -4,7 +4,8 @@ DVC stores a directory output content-addressed: ``<remote>/files/md5/<xx>/<rest
 JSON manifest ``[{"md5", "relpath"}, ...]`` and each file is ``<remote>/files/md5/<xx>/<rest>``.
 From the version's content hash (``dvc.lock`` / ``.dvc``) we read the manifest, then
 ``metadata.json``, and map every shard to its object: workers and Ray Data tasks read row groups
-from those objects with pyarrow's S3 filesystem (retries with exponential backoff). The object key
+from those objects with pyarrow's S3 filesystem; a store that stops answering is retried for
+``data.read_retry_s`` (see :class:`~scalelab.data.shards.ShardSource`). The object key
 is the shard's md5, and its size is checked against the index, so a wrong object cannot pass
 silently.
 """
@@ -20,6 +21,8 @@ from scalelab.data.dataset import DataVersion
 from scalelab.data.remote import remote_settings, s3_filesystem
 from scalelab.data.shards import ShardSource, StreamDataset, stream_dataset
 from scalelab.errors import DataError
+
+STREAM_READ_ATTEMPTS = 3
 
 
 def _object(base: str, md5: str) -> str:
@@ -47,7 +50,8 @@ def remote_shards_config(version: DataVersion, endpoint_url: str | None = None) 
             f"({version.content_hash}) has remote {version.remote or 'none'}: `dvc add` it and"
             f" `scalelab data push`"
         )
-    fs, endpoint = s3_filesystem(endpoint_url, version.repo)
+    # few quick retries inside pyarrow: ShardSource retries longer, with backoff, and says so
+    fs, endpoint = s3_filesystem(endpoint_url, version.repo, attempts=STREAM_READ_ATTEMPTS)
     base = version.remote[len("s3://") :].rstrip("/")
     manifest = json.loads(
         _read_object(fs, _object(base, version.content_hash), "the .dir manifest", endpoint)
@@ -69,8 +73,8 @@ def remote_shards_config(version: DataVersion, endpoint_url: str | None = None) 
 
 def open_remote_shards(config: dict[str, Any], check_sizes: bool = True) -> StreamDataset:
     """The :class:`StreamDataset` whose shards are the remote's objects named in ``config``."""
-    fs = config.get("filesystem") or s3_filesystem(config["endpoint"])[0]
-    source = ShardSource(config["remote"], fs, dict(config["urls"]))
+    fs = config.get("filesystem") or s3_filesystem(config["endpoint"], attempts=STREAM_READ_ATTEMPTS)[0]
+    source = ShardSource(config["remote"], fs, dict(config["urls"]), endpoint=config["endpoint"])
     if check_sizes:
         for shards in config["meta"]["shards"].values():
             paths = [config["urls"][s["file"]] for s in shards]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,13 @@ from scalelab.config.specs import RecipeSpec
 from scalelab.data.catalog import load_dataset, prepared_path
 from scalelab.data.samples import write_samples
 from scalelab.errors import ConfigError
-from scalelab.train.loop import bundle_meta, check_model_fits_data, default_run_name, fit_metrics
+from scalelab.train.loop import (
+    bundle_meta,
+    check_data_fits_worker,
+    check_model_fits_data,
+    default_run_name,
+    fit_metrics,
+)
 
 
 @dataclass
@@ -57,29 +63,34 @@ def run_training(
         )
     data = load_dataset(spec.data)
     check_model_fits_data(spec, data)  # before any run, checkpoint or Ray exists
+    check_data_fits_worker(spec, data)
     started = time.perf_counter()
     timing = {"run_training": time.time()}  # where the time to the first step goes (benchmarks)
     started_ray = False
+    # Opening the MLflow run (mlflow's import, the experiment, params, tags: seconds) runs beside
+    # what comes before the first step: connecting to / starting Ray, or, in-process, the model
+    # build and the first epoch (torch releases the GIL in its kernels). The local loop waits for
+    # the run only when it first logs, at the end of epoch 1.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scalelab-mlflow-open")
+    opening = pool.submit(start_training_run, spec, name, data, mode, prepared_path(spec.data))
     try:
-        # Opening the MLflow run (import, experiment, params) and connecting to / starting Ray are
-        # independent and each take seconds: do them at the same time.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            opening = pool.submit(start_training_run, spec, name, data, mode, prepared_path(spec.data))
-            if mode == "ray":
-                from scalelab.cluster.session import connect_ray
+        if mode == "ray":
+            from scalelab.cluster.session import connect_ray
 
-                started_ray = connect_ray()
-                timing["ray_connected"] = time.time()
+            started_ray = connect_ray()
+            timing["ray_connected"] = time.time()
             target = opening.result()
-        timing["tracking_opened"] = time.time()
-        if target is not None and mode == "ray":
-            tag_ray_job(target)
+            timing["tracking_opened"] = time.time()
+            if target is not None:
+                tag_ray_job(target)
         try:
             if mode == "ray":
                 outcome = _train_on_ray(spec, data, name, target, started, timing, progress)
             else:
-                outcome = _train_local(spec, data, name, target, started, on_epoch, progress)
+                outcome = _train_local(spec, data, name, opening, started, timing, on_epoch, progress)
+                target = opening.result()
         except BaseException as exc:
+            target = _opened_or_none(opening)
             if target is not None:
                 end_run(target, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
@@ -87,21 +98,40 @@ def run_training(
             end_run(target, "FINISHED")
         return outcome
     finally:
+        pool.shutdown(wait=True)  # an open still under way (training failed early) finishes first
         if started_ray:
             import ray
 
             ray.shutdown()
 
 
-def _train_local(spec, data, name, target, started, on_epoch, progress=False) -> TrainOutcome:
+def _opened_or_none(opening: Future):
+    """The run ``opening`` opened, once it has; None when opening it failed (that error is the
+    one the caller sees, or training failed first and its error is)."""
+    try:
+        return opening.result()
+    except Exception:  # noqa: BLE001 - reported by whoever waited on it first
+        return None
+
+
+def _train_local(
+    spec, data, name, opening: Future, started, timing, on_epoch, progress=False
+) -> TrainOutcome:
     from scalelab.tracking.runs import EpochLogger
     from scalelab.train.local import CheckpointKeeper, run_local
     from scalelab.train.progress import progress_for
 
     run_dir = Path(spec.train.storage_path) / name
-    epoch_logger = EpochLogger(target, role="local") if target is not None else None
+    epoch_logger: EpochLogger | None = None
 
     def each_epoch(metrics: dict[str, Any]) -> None:
+        nonlocal epoch_logger
+        timing.setdefault("first_epoch_reported", time.time())  # as Ray Train's workers record it
+        timing.setdefault("first_epoch_seconds", float(metrics["epoch_seconds"]))
+        if "tracking_opened" not in timing:  # the first epoch's metrics need the run: wait for it
+            target = opening.result()
+            timing["tracking_opened"] = time.time()
+            epoch_logger = EpochLogger(target, role="local") if target is not None else None
         if epoch_logger is not None:
             epoch_logger(metrics)
         if on_epoch is not None:
@@ -112,14 +142,14 @@ def _train_local(spec, data, name, target, started, on_epoch, progress=False) ->
     )
     if epoch_logger is not None:
         epoch_logger.close()
-    metrics = {**fit_metrics(result), "wall_seconds": time.perf_counter() - started}
+    metrics = {**fit_metrics(result), "wall_seconds": time.perf_counter() - started, "timing": timing}
     out = Path(spec.train.output_dir) / name
     model_dir = save_model_bundle(result.model, out / "model", bundle_meta(spec, data, result.runtime))
     return _finish(
         spec,
         data,
         name,
-        target,
+        opening.result(),  # already open, unless the run had no epoch left to train
         out,
         model_dir,
         metrics,

@@ -12,7 +12,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import nn
 from scalelab.artifacts.evaluate import EvalResult, evaluate_model
 from scalelab.artifacts.hardware import Runtime
 from scalelab.config.specs import RecipeSpec
+from scalelab.data.catalog import memory_budget_mb
 from scalelab.data.dataset import Dataset
 from scalelab.data.loader import TensorLoader, allowed_augment
 from scalelab.data.shards import StreamDataset
@@ -33,7 +34,7 @@ from scalelab.models.resnet import classification_loss
 from scalelab.train.checkpoint import read_position, restore_training_checkpoint, save_training_checkpoint
 from scalelab.train.detection import DetectionLoader
 from scalelab.train.progress import EpochProgress
-from scalelab.train.runtime import seed_everything, select_runtime, set_threads
+from scalelab.train.runtime import RssWatch, seed_everything, select_runtime, set_threads
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 
@@ -123,6 +124,28 @@ def check_model_fits_data(spec: RecipeSpec, data: Dataset) -> None:
         )
 
 
+def check_data_fits_worker(spec: RecipeSpec, data: Dataset) -> None:
+    """Refuse an in-memory dataset larger than one training worker's memory budget: every worker
+    (and the in-process run) holds all its splits whole. Streamed datasets hold a few windows."""
+    if isinstance(data, StreamDataset):
+        return
+    decoded = sum(s.x.nbytes for s in data.splits.values()) / 1e6
+    budget, source = memory_budget_mb(spec.data, worker_memory_mb(spec))
+    if decoded > budget:
+        raise ConfigError(
+            f"dataset {data.name!r} is prepared in the memory format and decodes to {decoded:,.1f} MB "
+            f"(train + val + test), more than one training worker's memory budget of {budget:,.0f} MB "
+            f"({source}): every worker would hold all of it. Set data.format=stream and run `scalelab "
+            f"data prepare <recipe>` again to stream Parquet shards instead, or raise the budget"
+        )
+
+
+def worker_memory_mb(spec: RecipeSpec) -> float | None:
+    """The memory Ray reserves per training worker (``train.memory_per_worker_mb``), if any."""
+    t = spec.train
+    return float(t.memory_per_worker_mb) if t.memory_per_worker_mb and t.workers > 0 else None
+
+
 def bundle_meta(spec: RecipeSpec, data: Dataset, runtime: Runtime | None = None) -> dict[str, Any]:
     return {
         "recipe": spec.model_dump(mode="json"),
@@ -155,6 +178,7 @@ def fit(
         torch.cuda.set_device(runtime.device)
 
     check_model_fits_data(spec, data)
+    check_data_fits_worker(spec, data)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(spec.model, data.channels, data.num_classes, data.image_size).to(runtime.device)
     params = count_params(model)
@@ -290,9 +314,11 @@ def stream_loaders(
         raise ConfigError("data.format=stream supports classification only for now; set data.format=memory")
     d = spec.data
 
+    source = replace(data.source, retry_s=d.read_retry_s)
+
     def config(split: str, augment=None) -> StreamConfig:
         return StreamConfig(
-            data.source,
+            source,
             data.meta["shards"][split],
             int(data.meta["row_group_rows"]),
             data.channels,
@@ -374,6 +400,8 @@ def train_one_epoch(
     if progress is not None:
         progress.start(epoch + 1, t.epochs, len(loader) - skip // max(1, loader.batch_size))
     start = time.perf_counter()
+    memory = RssWatch()
+    warm_at = max(0, len(loader) - skip // max(1, loader.batch_size)) // 20  # after 5% of the epoch
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
         last_micro = (i + 1) % t.grad_accum_steps == 0
@@ -388,6 +416,8 @@ def train_one_epoch(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
+        if i == warm_at:
+            memory.warm()
         consumed += len(y)
         loss_sum += loss.detach() * len(y)
         if not detection:
@@ -410,6 +440,7 @@ def train_one_epoch(
         "lr": optimizer.param_groups[0]["lr"],
         "epoch_seconds": elapsed,
         "images_per_s": seen * world_size / max(elapsed, 1e-9),
+        **memory.metrics(),
     }
 
 

@@ -128,6 +128,8 @@ def build_torch_trainer(
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
+    if t.memory_per_worker_mb:
+        resources["memory"] = t.memory_per_worker_mb * 1_000_000  # Ray counts memory in bytes
     config = {
         "spec": spec.model_dump(mode="json"),
         "data_path": str(resolve_data_path(spec, data_version)),

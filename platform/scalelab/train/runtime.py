@@ -33,3 +33,44 @@ def seed_everything(seed: int) -> None:
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- process memory
+
+
+def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MB; None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        return None
+    return None
+
+
+class RssWatch:
+    """This process's resident memory over an epoch: ``warm()`` once the first 5% of the epoch's
+    steps ran (the model, optimiser state, torch's lazy kernels and the loader's buffers are
+    resident by then) starts a fresh peak; ``metrics()`` gives that peak (``peak_rss_mb``) and how
+    far it rose above the warm level (``rss_growth_mb``): what the rest of the epoch added at most
+    (a loader that kept what it read would add the dataset). Linux only (the peak is reset through
+    ``/proc/self/clear_refs``); elsewhere it reports nothing."""
+
+    def __init__(self) -> None:
+        self.level: float | None = None
+
+    def warm(self) -> None:
+        self.level = _status_mb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+        except OSError:
+            self.level = None
+
+    def metrics(self) -> dict[str, float]:
+        peak = _status_mb("VmHWM")
+        if self.level is None or peak is None:
+            return {}
+        return {"peak_rss_mb": peak, "rss_growth_mb": max(0.0, peak - self.level)}

@@ -239,6 +239,8 @@ def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
             num_samples=_num_samples(search, points),
             max_concurrent_trials=search.max_concurrent_trials,
             trial_dirname_creator=trial_dirname,
+            # worker mode keeps a fresh driver per trial: stopping one must end its TorchTrainer
+            reuse_actors=search.trial_mode == "local" and search.reuse_trial_processes,
         ),
         run_config=ray.tune.RunConfig(
             name=TUNE_DIR,

@@ -1,0 +1,297 @@
+"""Streaming (Parquet shards read by Ray Data) against the in-memory path, on this machine.
+
+One run measures, side by side:
+- ``stream_vs_memory_train_ratio``: steady-state training images/s of ``msresnet_m`` on
+  Fashion-MNIST in one Ray Train worker, streamed (Ray Data decodes on the other core) / in memory;
+- ``decode_augment_images_per_s_per_core``: the streaming path's read + PNG decode + augment +
+  normalise of a generated 96 px dataset on one core, and ``pil_decode_images_per_s_per_core``:
+  PIL alone decoding the same source JPEG files on one core (the ceiling);
+- a large generated dataset (``--images`` 96 px JPEGs, decoded ``dataset_decoded_mb`` >= 4x
+  ``worker_memory_cap_mb``): ``prepare_images_per_s`` (folder -> shards on Ray),
+  ``train_images_per_s`` and ``peak_worker_rss_mb`` (the Ray Train worker's resident memory while
+  it trains, with the cap as its Ray memory resource and data budget);
+- ``resume_repeated_samples`` / ``resume_skipped_samples``: a Ray Train worker of two killed mid-epoch
+  right after a step checkpoint; the resumed epoch's sample ids against the epoch plan (goal 0, 0).
+
+    .venv/bin/python benchmarks/streaming.py            # ~10-15 min on 2 idle cores
+    .venv/bin/python benchmarks/streaming.py --quick    # tiny sizes, proves the script works;
+                                                        # figures go to a temp folder, not results/
+
+Needs /usr/share/datasets/fashion-mnist (`make system-deps`) unless --quick (digits instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, refuse_while_stack_runs, write_results  # noqa: E402
+from scalelab.config import load_recipe  # noqa: E402
+from scalelab.data.catalog import prepare  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["tracking.enabled=false", "train.threads=1"]
+
+
+def train_images_per_s(recipe: str, overrides: list[str]) -> dict:
+    """One Ray Train run (1 worker unless overridden); its last epoch's figures."""
+    from scalelab.train.api import run_training
+
+    out = run_training(load_recipe(REPO / "pipelines" / recipe, QUIET + overrides))
+    return out.history[-1]
+
+
+def stream_vs_memory(quick: bool) -> dict:
+    recipe = "digits.yaml" if quick else "fashion-mnist.yaml"
+    common = ["train.epochs=1", "train.workers=1", "train.cpus_per_worker=1"]
+    common += ["model.variant=msresnet_tiny"] if quick else ["model.variant=msresnet_m"]
+    stream = ["data.format=stream", f"data.name={recipe.split('.')[0]}_shards"]
+    prepare(load_recipe(REPO / "pipelines" / recipe, stream).data)
+    memory = train_images_per_s(recipe, common + ["data.format=memory", "train.run_name=memory"])
+    streamed = train_images_per_s(recipe, common + stream + ["train.run_name=stream"])
+    return {
+        "stream_vs_memory_train_ratio": streamed["images_per_s"] / memory["images_per_s"],
+        "memory_train_images_per_s": memory["images_per_s"],
+        "stream_train_images_per_s": streamed["images_per_s"],
+        "ratio_dataset": recipe.split(".")[0],
+    }
+
+
+def write_jpegs(root: Path, n: int, size: int, classes: int = 10) -> None:
+    """``n`` smooth colour 96 px JPEGs in ``classes`` folders (a class-tinted gradient + noise)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 180, size, dtype=np.float32)
+    for c in range(classes):
+        (root / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        c = i % classes
+        img = np.stack([ramp[None, :] + ramp[:, None] * (k == c % 3) for k in range(3)], -1) / 2
+        img = img + rng.integers(0, 40, (size, size, 3)) + 20 * (c // 3)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
+            root / f"class{c:02d}" / f"{i:07d}.jpg", quality=90
+        )
+
+
+def decode_rates(folder: Path, shards: Path, images: int) -> dict:
+    """One core: PIL decoding the source JPEGs, and the stream path's read+decode+augment+normalise."""
+    import torch
+    from PIL import Image
+
+    from scalelab.config.specs import AugmentSpec
+    from scalelab.data.shards import open_sharded
+    from scalelab.data.stream import StreamConfig, decode_window, epoch_windows
+
+    torch.set_num_threads(1)
+    files = sorted(folder.rglob("*.jpg"))[:images]
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for f in files:
+            with Image.open(f) as img:
+                img.convert("RGB").load()
+        rates.append(len(files) / (time.perf_counter() - start))
+    pil = median(rates)
+
+    ds = open_sharded(shards)
+    cfg = StreamConfig(
+        ds.source,
+        ds.meta["shards"]["train"],
+        int(ds.meta["row_group_rows"]),
+        ds.channels,
+        ds.mean,
+        ds.std,
+        AugmentSpec(hflip=True, crop_padding=4),
+    )
+    rates = []
+    for epoch in range(3):
+        start, seen = time.perf_counter(), 0
+        for i, win in enumerate(epoch_windows(cfg.shards, cfg.row_group_rows, 0, epoch, 8)):
+            seen += len(decode_window(cfg, win, epoch, 0, i)["y"])
+            if seen >= len(files):
+                break
+        rates.append(seen / (time.perf_counter() - start))
+    stream = median(rates)
+    return {
+        "pil_decode_images_per_s_per_core": pil,
+        "decode_augment_images_per_s_per_core": stream,
+        "decode_augment_to_pil_ratio": stream / pil,
+    }
+
+
+def large_dataset(folder: Path, n: int, size: int, cap_mb: int) -> dict:
+    """Prepare the JPEG folder into shards on Ray, then train one epoch streamed under the cap."""
+    from scalelab.data.shards import open_sharded
+
+    data = [
+        "data.kind=imagefolder",
+        f"data.source={folder}",
+        "data.name=large",
+        "data.format=stream",
+        f"data.image_size={size}",
+        "data.channels=3",
+        f"data.memory_budget_mb={cap_mb}",
+    ]
+    spec = load_recipe(REPO / "pipelines" / "digits.yaml", QUIET + data)
+    start = time.perf_counter()
+    path = prepare(spec.data)
+    prepare_rate = n / (time.perf_counter() - start)
+    sizes = open_sharded(path, verify=False).meta["split_sizes"]
+    decoded_mb = sum(sizes.values()) * size * size * 3 / 1e6
+    epoch = train_images_per_s(
+        "digits.yaml",
+        data
+        + [
+            "model.variant=msresnet_tiny",
+            "model.stem=large",
+            "train.epochs=1",
+            "train.batch_size=64",
+            "train.workers=1",
+            f"train.memory_per_worker_mb={cap_mb}",
+            "train.run_name=large",
+        ],
+    )
+    return {
+        "dataset_images": n,
+        "dataset_decoded_mb": decoded_mb,
+        "worker_memory_cap_mb": cap_mb,
+        "dataset_to_cap": decoded_mb / cap_mb,
+        "peak_worker_rss_mb": epoch.get("peak_rss_mb"),
+        "worker_rss_growth_mb": epoch.get("rss_growth_mb"),
+        "prepare_images_per_s": prepare_rate,
+        "train_images_per_s": epoch["images_per_s"],
+        "shard_path": str(path),
+    }
+
+
+def resume_exactness(work: Path) -> dict:
+    """Two workers on digits shards; rank 1 exits right after the step-10 checkpoint of epoch 2."""
+    from scalelab.data.shards import open_sharded
+    from scalelab.data.stream import planned_ids
+    from scalelab.train.api import run_training
+    from scalelab.train.loop import per_worker_batch
+
+    log, marker = work / "samples.jsonl", work / "killed"
+    os.environ["SCALELAB_SAMPLE_LOG"] = str(log)
+    os.environ["SCALELAB_FAULT_INJECT"] = f"rank=1,epoch=1,step=10,marker={marker}"
+    try:
+        spec = load_recipe(
+            REPO / "pipelines" / "digits.yaml",
+            QUIET
+            + [
+                "data.name=digits_shards",
+                "data.format=stream",
+                "data.row_group_rows=32",
+                "model.variant=msresnet_tiny",
+                "train.batch_size=64",
+                "train.epochs=2",
+                "train.workers=2",
+                "train.cpus_per_worker=0.5",
+                "train.checkpoint_every_steps=5",
+                "train.run_name=resume",
+            ],
+        )
+        out = run_training(spec)
+    finally:
+        del os.environ["SCALELAB_SAMPLE_LOG"], os.environ["SCALELAB_FAULT_INJECT"]
+    at = out.history[1]["resumed_at_sample"]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    first = {r["pid"] for r in rows if r["epoch"] == 0}
+    data = open_sharded(Path(spec.data.data_dir) / spec.data.name)
+    repeated = skipped = rolled_back = 0
+    for rank in (0, 1):
+        mine = [r for r in rows if r["epoch"] == 1 and r["rank"] == rank]
+        kept = [i for r in mine if r["pid"] in first and r["start"] < at for i in r["ids"]]
+        rolled_back += sum(len(r["ids"]) for r in mine if r["pid"] in first and r["start"] >= at)
+        kept += [i for r in mine if r["pid"] not in first for i in r["ids"]]
+        plan = planned_ids(
+            data.source,
+            data.meta["shards"]["train"],
+            int(data.meta["row_group_rows"]),  # as prepared (the ratio step may have made them)
+            seed=spec.train.seed,
+            epoch=1,
+            window=spec.data.shuffle_window,
+            rank=rank,
+            world_size=2,
+            batch=per_worker_batch(spec.train.batch_size, 2, 1),
+        )
+        repeated += len(kept) - len(set(kept))
+        skipped += len(set(plan) - set(kept))
+    return {
+        "resume_killed": marker.exists(),
+        "resume_at_sample": at,
+        "resume_repeated_samples": repeated,
+        "resume_skipped_samples": skipped,
+        "resume_rolled_back_samples": rolled_back,  # consumed after the checkpoint, undone by the restart
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, figures meaningless")
+    ap.add_argument("--images", type=int, default=150_000, help="generated 96 px JPEGs (large dataset)")
+    ap.add_argument("--size", type=int, default=96, help="their side in pixels")
+    ap.add_argument("--cap-mb", type=int, default=1024, help="worker memory cap (Ray memory resource)")
+    ap.add_argument("--decode-images", type=int, default=3000, help="images timed per decode repeat")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default: results/streaming.json)")
+    args = ap.parse_args()
+    if args.quick:
+        args.images, args.cap_mb, args.decode_images = 600, 4, 200
+    elif not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        raise SystemExit("needs the Debian package dataset-fashion-mnist (`make system-deps`), or --quick")
+    refuse_while_stack_runs()
+
+    import ray
+
+    from scalelab.cluster.session import connect_ray
+
+    with tempfile.TemporaryDirectory(prefix="bench-streaming-") as tmp:
+        work = Path(tmp)
+        (work / "pipelines").symlink_to(REPO / "pipelines")
+        os.chdir(work)
+        connect_ray(num_cpus=os.cpu_count(), log_to_driver=False)
+        figures: dict = {"quick": args.quick}
+        try:
+            figures.update(stream_vs_memory(args.quick))
+            print(json.dumps(figures), flush=True)
+            folder = work / "jpegs"
+            start = time.perf_counter()
+            write_jpegs(folder, args.images, args.size)
+            print(f"wrote {args.images} JPEGs in {time.perf_counter() - start:.0f}s", flush=True)
+            large = large_dataset(folder, args.images, args.size, args.cap_mb)
+            figures.update(decode_rates(folder, Path(large.pop("shard_path")), args.decode_images))
+            figures.update(large)
+            print(json.dumps(figures), flush=True)
+            figures.update(resume_exactness(work))
+        finally:
+            ray.shutdown()
+    figures["command"] = "python benchmarks/streaming.py" + (" --quick" if args.quick else "")
+    if args.quick:
+        figures["note"] = "--quick: tiny sizes, the figures mean nothing"
+    if args.out is not None or not args.quick:
+        write_results_to(args.out, figures)
+    else:
+        quick_out = Path(tempfile.gettempdir()) / "streaming_quick.json"
+        quick_out.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {quick_out} (--quick: not the results folder)")
+
+
+def write_results_to(path: Path | None, figures: dict) -> None:
+    if path is None:
+        write_results("streaming", figures)
+    else:
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

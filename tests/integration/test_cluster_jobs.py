@@ -170,6 +170,61 @@ def test_jobs_logs_and_stop(cluster):
     assert "Running entrypoint" in sh(["jobs", "logs", sid], root).stdout
 
 
+def untrained_bundle(folder: Path) -> Path:
+    """A digits ``msresnet_tiny`` bundle with its initial weights: serving needs no training."""
+    from scalelab.artifacts.bundle import save_model_bundle
+    from scalelab.config import load_recipe
+    from scalelab.data.catalog import load_dataset
+    from scalelab.models import build_model
+    from scalelab.train.loop import bundle_meta
+
+    overrides = ["model.variant=msresnet_tiny", f"data.data_dir={folder / 'data'}"]
+    spec = load_recipe(REPO / "pipelines" / "digits.yaml", overrides)
+    data = load_dataset(spec.data)
+    x = data.splits["train"].x
+    model = build_model(spec.model, 1 if x.ndim == 3 else x.shape[-1], len(data.classes), x.shape[1])
+    return save_model_bundle(model, folder / "model", bundle_meta(spec, data))
+
+
+def test_serve_list_and_stop_on_the_stack(cluster, tmp_path):
+    """`scalelab serve` deploys into the `scalelab up` stack; `serve list` and `serve stop NAME`, run
+    as separate commands, find it there and remove it (issue 16)."""
+    import httpx
+
+    from scalelab.cluster.services import free_port
+
+    root, _ = cluster
+    bundle = untrained_bundle(tmp_path)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        served = subprocess.Popen(
+            [*SCALELAB, "serve", "stacked", "--bundle", str(bundle), f"serve.port={port}"],
+            cwd=root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 240
+        while "serving" not in log.read_text():
+            assert served.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+        listed = " ".join(sh(["serve", "list"], root).stdout.split())
+        assert "scalelab-stacked" in listed and f"{url}/" in listed and "RUNNING" in listed, listed
+        assert "ApplicationStatus" not in listed and "bundle" in listed, listed
+        assert "stopped scalelab-stacked" in sh(["serve", "stop", "stacked"], root).stdout
+        assert httpx.get(f"{url}/readyz", timeout=30).status_code != 200
+        proc = sh(["serve", "stop", "stacked"], root, check=False)  # gone from the cluster's Serve
+        assert proc.returncode == 2 and "no application 'stacked'" in proc.stderr
+        assert "served: none" in " ".join(proc.stderr.split())
+    finally:
+        served.send_signal(signal.SIGTERM)  # deployed into the stack: it deletes its app and exits
+        served.wait(timeout=60)
+
+
 def test_bad_job_specs_fail_at_submit(cluster, tmp_path):
     root, _ = cluster
     bad = root / "jobs" / "bad-verb.yaml"

@@ -6,6 +6,7 @@ Real Ray Serve behind the default ingress (HAProxy, `cluster.session.serve_ingre
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -161,9 +163,29 @@ def slow_body_flood(host: str, port: int, path: str, n: int) -> list[socket.sock
     return socks
 
 
+def trickle(port: int, answer: list[bytes], limit_s: float = 12.0) -> None:
+    """A POST whose body comes one byte every 0.5 s; what the server answers goes into ``answer``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit_s) as s:
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        s.sendall(b"Content-Length: 100000\r\n\r\n")
+        s.setblocking(False)
+        until = time.monotonic() + limit_s
+        while time.monotonic() < until:
+            try:
+                data = s.recv(4096)
+                answer.append(data)
+                return
+            except BlockingIOError:
+                pass
+            with contextlib.suppress(OSError):  # closed after the answer: read it on the next turn
+                s.send(b" ")
+            time.sleep(0.5)
+
+
 def test_flood_of_slow_bodies_and_sigterm(digits_bundles, tmp_path):
     """`scalelab serve` (its own Ray, HAProxy ingress): good requests are answered while 100
-    connections hold unfinished bodies; SIGTERM stops it within seconds, leaving no process behind."""
+    connections hold unfinished bodies and one trickles its body (408 at the body deadline);
+    SIGTERM stops it within seconds, leaving no process behind."""
     from scalelab.artifacts.bundle import read_bundle_meta
     from scalelab.registry.gate import load_test_split
 
@@ -172,7 +194,10 @@ def test_flood_of_slow_bodies_and_sigterm(digits_bundles, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": "local", "SCALELAB_SERVE_CLIENT_TIMEOUT_S": "5"}
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [str(BIN / "scalelab"), "serve", "flood", "--bundle", str(bundle), f"serve.port={port}"],
+        [
+            *(str(BIN / "scalelab"), "serve", "flood", "--bundle", str(bundle)),
+            *(f"serve.port={port}", "serve.body_timeout_s=3"),
+        ],
         cwd=tmp_path,
         env=env,
         stdout=log,
@@ -192,6 +217,9 @@ def test_flood_of_slow_bodies_and_sigterm(digits_bundles, tmp_path):
         x, _, _ = load_test_split(read_bundle_meta(bundle))
         body = png_body(x[0])
         held = slow_body_flood("127.0.0.1", port, "/v1/predict", 100)
+        trickled: list[bytes] = []  # a byte every 0.5 s: never idle for the ingress's 5 s timeout
+        trickler = threading.Thread(target=trickle, args=(port, trickled), daemon=True)
+        trickler.start()
         latencies, codes = [], []
         try:
             with httpx.Client(timeout=10) as http:
@@ -203,7 +231,10 @@ def test_flood_of_slow_bodies_and_sigterm(digits_bundles, tmp_path):
         finally:
             for s in held:
                 s.close()
+            trickler.join(timeout=15)
         assert codes and set(codes) == {200}, codes
+        # cut by the replica's whole-body deadline (serve.body_timeout_s=3), not left holding a slot
+        assert trickled and trickled[0].startswith(b"HTTP/1.1 408"), trickled
         assert float(np.percentile(latencies, 99)) < 2000, latencies  # loose: a shared, loaded machine
     finally:
         tree = descendants(proc.pid)

@@ -167,3 +167,45 @@ def test_api_key_is_only_hashed(monkeypatch):
     monkeypatch.setenv("SCALELAB_API_KEY", "s3cret")
     cfg = replica_config(ServeSpec(), "m")
     assert cfg.api_key_sha256 == key_sha256("s3cret") and "s3cret" not in cfg.model_dump_json()
+
+
+def test_guard_answers_408_to_a_trickling_body_and_passes_a_whole_one(monkeypatch):
+    """A client sending a byte at a time resets the ingress's inactivity timeout, never the Guard's
+    whole-body deadline; a complete body still reaches the app, replayed whole."""
+    import asyncio
+    import time
+
+    from scalelab.serve import app as served
+
+    monkeypatch.setattr(served._Limits, "body_timeout_s", 0.3)
+    scope = {"type": "http", "path": "/v1/predict", "headers": [(b"content-length", b"100000")]}
+
+    async def trickle():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def never_called(scope, receive, send):
+        raise AssertionError("the app must not see a partial body")
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    started = time.monotonic()
+    asyncio.run(served.Guard(never_called)(scope, trickle, send))
+    assert sent[0]["status"] == 408 and time.monotonic() - started < 2
+    assert b"not complete within 0.3 s" in sent[1]["body"] and b"bytes arrived" in sent[1]["body"]
+
+    parts = iter([b'{"ima', b'ges": []}'])
+    seen: list[bytes] = []
+
+    async def in_two_parts():
+        part = next(parts)
+        return {"type": "http.request", "body": part, "more_body": part != b'ges": []}'}
+
+    async def app(scope, receive, send):
+        seen.append((await receive())["body"])
+
+    asyncio.run(served.Guard(app)(scope, in_two_parts, send))
+    assert seen == [b'{"images": []}']

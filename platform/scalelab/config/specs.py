@@ -414,6 +414,12 @@ class ServeSpec(_Spec):
     )
     max_queued_requests: int = Field(256, ge=-1, description="Queue bound; beyond it a fast 503.")
     max_body_bytes: int = Field(8_000_000, ge=1024, description="Request body limit (413 above).")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Whole-body deadline: a body not complete this long after the request started gets "
+        "408 (a client trickling bytes resets the ingress's inactivity timeout, never this one).",
+    )
     max_images: int = Field(64, ge=1, description="Images per request.")
     max_pixels: int = Field(16_000_000, ge=64, description="Pixels per image (decompression bombs).")
     top_k: int = Field(5, ge=1, description="Classes returned per image.")

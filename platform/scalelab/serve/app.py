@@ -1,11 +1,11 @@
 """The Ray Serve application: a FastAPI ingress in front of a model loaded from the registry.
 
 One replica = one process holding one :class:`Predictor`. Requests are decoded and validated
-on the replica's event loop; the model runs in a worker thread (torch releases the GIL), fed by
-``@serve.batch`` so concurrent requests share one forward pass. The alias is polled in the
-background and a new version is loaded beside the old one and swapped in by reference, so no
-request ever sees a half-loaded model. ``reconfigure`` (a ``user_config`` change) applies new
-limits, batching and auth in place, and pins or unpins a version.
+on the replica's event loop; the model runs in one worker thread of its own (torch releases the
+GIL), one forward pass at a time, fed by ``@serve.batch`` so concurrent requests share one. The
+alias is polled in the background and a new version is loaded beside the old one and swapped in
+by reference, so no request ever sees a half-loaded model. ``reconfigure`` (a ``user_config``
+change) applies new limits, batching and auth in place, and pins or unpins a version.
 """
 
 import asyncio
@@ -14,6 +14,7 @@ import json
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -101,6 +102,7 @@ class _Limits:
     """Per-process settings the ASGI guard reads (one replica per process)."""
 
     max_body_bytes = 8_000_000
+    body_timeout_s = 30.0
     api_key_sha256: str | None = None
 
 
@@ -110,7 +112,9 @@ DRAIN_SECONDS = 5.0
 
 class Guard:
     """Pure ASGI middleware: API key (401), then the whole body read up to the limit (413 above it,
-    whatever the framing: Content-Length or chunked) before any parsing; websockets get a clear 4xx."""
+    whatever the framing: Content-Length or chunked) and within the body deadline (408 after it: the
+    ingress only cuts idle clients, not one sending a byte a second) before any parsing; websockets
+    get a clear 4xx."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -147,19 +151,22 @@ class Guard:
                     return await send_error(send, 413, f"{int(length):,} bytes: {too_large}")
                 await _drain(receive)
                 return await send_error(send, 413, f"{int(length):,} bytes: {too_large}")
-        chunks, seen = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > limit:  # chunked (no Content-Length), or more bytes than it said
-                await _drain(receive)
-                return await send_error(send, 413, too_large)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        chunks: list[bytes] = []
+        try:
+            outcome = await asyncio.wait_for(_read_body(receive, chunks, limit), _Limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            return await send_error(
+                send,
+                408,
+                f"request body not complete within {_Limits.body_timeout_s:g} s "
+                f"({sum(map(len, chunks)):,} bytes arrived); send the whole body at once",
+                {"connection": "close"},
+            )
+        if outcome == "gone":  # the client went away
+            return
+        if outcome == "too large":  # chunked (no Content-Length), or more bytes than it said
+            await _drain(receive)
+            return await send_error(send, 413, too_large)
         body, replayed = b"".join(chunks), False
 
         async def replay():
@@ -170,6 +177,22 @@ class Guard:
             return await receive()  # then only http.disconnect, from the server
 
         await self.app(scope, replay, send)
+
+
+async def _read_body(receive, chunks: list[bytes], limit: int) -> str:
+    """Append the request's body chunks to ``chunks``: "complete", "too large" or "gone"."""
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return "gone"
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            return "too large"
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return "complete"
 
 
 async def _drain(receive) -> None:
@@ -367,6 +390,14 @@ class ModelServer:
         self.last_poll_error: str | None = None
         self.swap_lock = asyncio.Lock()
         self.m = _metrics()
+        # Forward passes run here, one at a time on cfg.threads intra-op threads: the replica's CPU
+        # budget (asyncio's default pool would run up to cpu_count + 4 unbatched forwards at once).
+        # Registry polls and model loads stay on the default pool, so they never queue behind
+        # forward passes, nor these behind them.
+        self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scalelab-model")
+
+    async def _in_model_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.model_pool, fn, *args)
 
     # ---- configuration and model swaps -------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -376,9 +407,11 @@ class ModelServer:
 
         cfg = ReplicaConfig.model_validate(user_config)
         torch.set_num_threads(cfg.threads)
+        await self._in_model_thread(torch.set_num_threads, cfg.threads)  # OpenMP's setting is per thread
         env_key = os.environ.get(cfg.api_key_env)
         _Limits.api_key_sha256 = cfg.api_key_sha256 or (key_sha256(env_key) if env_key else None)
         _Limits.max_body_bytes = cfg.max_body_bytes
+        _Limits.body_timeout_s = cfg.body_timeout_s
         self._batched.set_max_batch_size(cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         source_changed = (cfg.model_name, cfg.alias, cfg.version, cfg.bundle_path, cfg.tracking_uri) != (
@@ -394,7 +427,7 @@ class ModelServer:
         if self.watcher is None:
             self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    async def _swap(self, new: Predictor) -> None:
+    async def _swap(self, new: Predictor, why: str = "") -> None:
         async with self.swap_lock:
             old = self.predictor
             self.predictor = new  # in-flight batches keep the reference they started with
@@ -410,7 +443,7 @@ class ModelServer:
                 )
             self.m["info"].set(1, tags={"model_name": name, "model_version": version})
             self.m["swaps"].inc(tags={"model_version": version})
-            log.info("serving %s version %s", name, version)
+            log.info("serving %s version %s%s", name, version, f" ({why})" if why else "")
 
     async def _watch(self) -> None:
         """Follow the alias: load a moved-to version beside the old one, then swap."""
@@ -422,9 +455,12 @@ class ModelServer:
             try:
                 target = await asyncio.to_thread(current_alias_version, cfg)
                 if target != str(self.predictor.info.get("version")):
+                    started = time.perf_counter()
                     new = await asyncio.to_thread(load_predictor, cfg, target)
                     if cfg is self.cfg:  # not reconfigured meanwhile
-                        await self._swap(new)
+                        await self._swap(
+                            new, f"@{cfg.alias} moved; loaded in {time.perf_counter() - started:.1f} s"
+                        )
                 self.last_poll_error = None
             except Exception as exc:  # noqa: BLE001 - the registry being down must not stop serving
                 self.last_poll_error = f"{type(exc).__name__}: {exc}"
@@ -440,7 +476,7 @@ class ModelServer:
         predictor = self.predictor
         version = str(predictor.info.get("version"))
         sizes = [len(c) for c in chunks]
-        probs = await asyncio.to_thread(predictor.predict_proba, np.concatenate(chunks))
+        probs = await self._in_model_thread(predictor.predict_proba, np.concatenate(chunks))
         self.m["batch"].observe(len(chunks), tags={"model_version": version})
         parts = np.split(probs, np.cumsum(sizes)[:-1])
         return [(p, predictor) for p in parts]  # the reply names the version that computed it
@@ -449,7 +485,7 @@ class ModelServer:
         if self.cfg.batching:
             return await self._batched(images)
         predictor = self.predictor
-        return await asyncio.to_thread(predictor.predict_proba, images), predictor
+        return await self._in_model_thread(predictor.predict_proba, images), predictor
 
     async def _predict(self, images: list[np.ndarray] | np.ndarray, top_k: int | None) -> dict[str, Any]:
         """``images``: uint8 (H, W, C) arrays, or one (N, H, W, C) batch (a .npy body)."""
@@ -470,7 +506,7 @@ class ModelServer:
     async def _detect(self, images: list[np.ndarray], started: float) -> dict[str, Any]:
         """Detection models: images keep their sizes (no stacking, no dynamic batching)."""
         predictor = self.predictor
-        detections = await asyncio.to_thread(predictor.detect, images)
+        detections = await self._in_model_thread(predictor.detect, images)
         version = str(predictor.info.get("version"))
         self.m["latency"].observe((time.perf_counter() - started) * 1000, tags={"model_version": version})
         self.m["images"].inc(len(images), tags={"model_version": version})

@@ -359,12 +359,31 @@ def list_served(address: Address = None) -> None:
         return
     http = details.get("http_options") or {}
     base = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    table = Table("application", "status", "url", "model")
+    rows = []
     for name, app in sorted(apps.items()):
-        model = ((app.get("deployed_app_config") or {}).get("args") or {}).get("model") or ""
         prefix = (app.get("route_prefix") or "/").rstrip("/")
-        table.add_row(name, str(app.get("status")), f"{base}{prefix}/", model)
+        status = app.get("status")
+        rows.append((name, str(getattr(status, "value", status)), f"{base}{prefix}/", served_model(app)))
+    table = Table("application", "status")
+    table.add_column("url", no_wrap=True, min_width=max(len(r[2]) for r in rows))  # copyable, never cut
+    table.add_column("model", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
+
+
+def served_model(app: dict) -> str:
+    """What an application serves: NAME@alias, NAME/version or the bundle folder, from its replicas'
+    user_config (``serve.run`` deployments have no deployed_app_config to read it from)."""
+    args_model = ((app.get("deployed_app_config") or {}).get("args") or {}).get("model")
+    for deployment in (app.get("deployments") or {}).values():
+        cfg = (deployment.get("deployment_config") or {}).get("user_config") or {}
+        if cfg.get("bundle_path"):
+            return f"bundle {cfg['bundle_path']}"
+        if cfg.get("model_name"):
+            pinned = f"/{cfg['version']}" if cfg.get("version") else f"@{cfg.get('alias')}"
+            return f"{cfg['model_name']}{pinned}"
+    return args_model or ""
 
 
 def stop_served(

@@ -26,6 +26,7 @@ class ReplicaConfig(BaseModel):
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_body_bytes: int = Field(8_000_000, ge=1024)
+    body_timeout_s: float = Field(30.0, gt=0)
     max_images: int = Field(64, ge=1)
     max_pixels: int = Field(16_000_000, ge=64)
     top_k: int = Field(5, ge=1)
@@ -63,6 +64,7 @@ def replica_config(
         max_batch_size=spec.max_batch_size,
         batch_wait_timeout_s=spec.batch_wait_timeout_s,
         max_body_bytes=spec.max_body_bytes,
+        body_timeout_s=spec.body_timeout_s,
         max_images=spec.max_images,
         max_pixels=spec.max_pixels,
         top_k=spec.top_k,

@@ -49,10 +49,10 @@ def train_images_per_s(recipe: str, overrides: list[str]) -> dict:
     return out.history[-1]
 
 
-def stream_vs_memory(quick: bool) -> dict:
+def stream_vs_memory(quick: bool, variant: str) -> dict:
     recipe = "digits.yaml" if quick else "fashion-mnist.yaml"
     common = ["train.epochs=1", "train.workers=1", "train.cpus_per_worker=1"]
-    common += ["model.variant=msresnet_tiny"] if quick else ["model.variant=msresnet_m"]
+    common += ["model.variant=msresnet_tiny"] if quick else [f"model.variant={variant}"]
     stream = ["data.format=stream", f"data.name={recipe.split('.')[0]}_shards"]
     prepare(load_recipe(REPO / "pipelines" / recipe, stream).data)
     memory = train_images_per_s(recipe, common + ["data.format=memory", "train.run_name=memory"])
@@ -62,6 +62,7 @@ def stream_vs_memory(quick: bool) -> dict:
         "memory_train_images_per_s": memory["images_per_s"],
         "stream_train_images_per_s": streamed["images_per_s"],
         "ratio_dataset": recipe.split(".")[0],
+        "ratio_model_variant": "msresnet_tiny" if quick else variant,
     }
 
 
@@ -242,6 +243,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96, help="their side in pixels")
     ap.add_argument("--cap-mb", type=int, default=1024, help="worker memory cap (Ray memory resource)")
     ap.add_argument("--decode-images", type=int, default=3000, help="images timed per decode repeat")
+    ap.add_argument(
+        "--ratio-variant",
+        default="msresnet_m",
+        help="model of the stream/memory ratio (msresnet_tiny: a faster model, a harder test of the loader)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="results file (default: results/streaming.json)")
     args = ap.parse_args()
     if args.quick:
@@ -261,7 +267,7 @@ def main() -> None:
         connect_ray(num_cpus=os.cpu_count(), log_to_driver=False)
         figures: dict = {"quick": args.quick}
         try:
-            figures.update(stream_vs_memory(args.quick))
+            figures.update(stream_vs_memory(args.quick, args.ratio_variant))
             print(json.dumps(figures), flush=True)
             folder = work / "jpegs"
             start = time.perf_counter()
@@ -274,7 +280,7 @@ def main() -> None:
             figures.update(resume_exactness(work))
         finally:
             ray.shutdown()
-    figures["command"] = "python benchmarks/streaming.py" + (" --quick" if args.quick else "")
+    figures["command"] = " ".join(["python", "benchmarks/streaming.py", *sys.argv[1:]])
     if args.quick:
         figures["note"] = "--quick: tiny sizes, the figures mean nothing"
     if args.out is not None or not args.quick:

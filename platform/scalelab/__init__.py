@@ -12,4 +12,28 @@ Layers, lowest first; a module imports only from lower layers (tests/unit/test_l
     serve -> pipeline -> cli    Ray Serve; the whole path of one model; the command line
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def lazy_exports(package: str, home: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``__getattr__`` and ``__dir__`` (PEP 562) for ``package``: each name in ``home`` is imported
+    from ``package.<home[name]>`` on first use, then kept as a plain attribute of the package."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in home:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{home[name]}"), name)
+        setattr(sys.modules[package], name, value)  # later lookups skip this function
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(home))
+
+    return __getattr__, __dir__

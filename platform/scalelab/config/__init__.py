@@ -7,8 +7,9 @@ variants``, which need neither pydantic nor the specs (about a third of a second
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from scalelab import lazy_exports
 
 if TYPE_CHECKING:
     from scalelab.config.loader import (
@@ -57,13 +58,4 @@ __all__ = [
 _HOME = {name: "specs" if name[0].isupper() else "loader" for name in __all__}  # the module of each
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOME))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)

@@ -181,8 +181,14 @@ def start_ray_worker(
         json.dumps({f"scalelab_worker_{index}": 1}),
         # A node of its own log folder: without it a worker node on this machine shares the head's
         # session logs, and every node's log monitor streams every worker's lines (3 nodes: 3x).
+        # One folder per start (its agent port): a node restarted with the same index would otherwise
+        # find the dead node's logs there and stream them into job consoles again. Short: Ray's
+        # socket paths under it must stay within 107 characters.
         "--temp-dir",
-        str(Path(tempfile.gettempdir()) / f"scalelab-ray-{head_address.rsplit(':', 1)[-1]}-w{index}"),
+        str(
+            Path(tempfile.gettempdir())
+            / f"scalelab-ray-{head_address.rsplit(':', 1)[-1]}-w{index}-{ports['agent_grpc']}"
+        ),
     ]
     log = state / f"ray-worker-{index}-{ports['agent_grpc']}.log"
     # the head's Serve settings: replicas on this node must run the same ingress (direct ingress)

@@ -168,6 +168,8 @@ def large_dataset(folder: Path, n: int, size: int, cap_mb: int) -> dict:
         "dataset_to_cap": decoded_mb / cap_mb,
         "peak_worker_rss_mb": epoch.get("peak_rss_mb"),
         "worker_rss_growth_mb": epoch.get("rss_growth_mb"),
+        "worker_rss_anon_mb_at_end": epoch.get("rss_anon_mb"),
+        "worker_rss_shmem_mb_at_end": epoch.get("rss_shmem_mb"),
         "prepare_images_per_s": prepare_rate,
         "train_images_per_s": epoch["images_per_s"],
         "shard_path": str(path),

@@ -39,7 +39,7 @@ def set_threads(threads: int | None) -> None:
 
 
 def _status_mb(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MB; None where there is no /proc."""
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM, RssAnon, RssShmem) in MB; None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -73,4 +73,11 @@ class RssWatch:
         peak = _status_mb("VmHWM")
         if self.level is None or peak is None:
             return {}
-        return {"peak_rss_mb": peak, "rss_growth_mb": max(0.0, peak - self.level)}
+        out = {"peak_rss_mb": peak, "rss_growth_mb": max(0.0, peak - self.level)}
+        # what is resident at the epoch's end, split: private memory vs shared pages (Ray's object
+        # store maps blocks into readers zero-copy, and those pages count in VmRSS too)
+        for field, key in (("RssAnon", "rss_anon_mb"), ("RssShmem", "rss_shmem_mb")):
+            value = _status_mb(field)
+            if value is not None:
+                out[key] = value
+        return out

@@ -215,7 +215,12 @@ def main() -> None:
         help="ModelSpec fields for the multi-scale model; its partners get the same, except "
         f"{sorted(MULTISCALE_ONLY)} (no meaning at scales=1), then are width-matched",
     )
-    parser.add_argument("--native-only", action="store_true", help="skip mixed-resolution training")
+    parser.add_argument(
+        "--training",
+        choices=["both", "native", "mixed"],
+        default="both",
+        help="native, mixed-resolution, or both trainings (lanes of one setup can split them)",
+    )
     parser.add_argument(
         "--models", nargs="+", default=None, help="train only these (multiscale, baseline, baseline_flops)"
     )
@@ -249,7 +254,7 @@ def main() -> None:
         data = load_data(args.train_subset, args.test_subset, args.data_dir or Path(tmp) / "data")
         # seeds outermost: a run cut short still has every model at the same seeds
         for seed in args.seeds:
-            for mixed in (False,) if args.native_only else (False, True):
+            for mixed in {"both": (False, True), "native": (False,), "mixed": (True,)}[args.training]:
                 for name, model in models.items():
                     t0 = time.perf_counter()
                     net = train_one(model, seed, args.epochs, mixed, data, Path(tmp), train)

@@ -147,7 +147,7 @@ def accuracy_at_scales(model, data) -> dict[float, float]:
     return out
 
 
-def summarise(runs: list[dict], models: dict, costs: dict, args, started: float) -> dict:
+def summarise(runs: list[dict], models: dict, costs: dict, args, started: float | None) -> dict:
     figures: dict = {
         "dataset": "fashion-mnist (official test set)",
         "train_subset": args.train_subset,
@@ -186,11 +186,14 @@ def summarise(runs: list[dict], models: dict, costs: dict, args, started: float)
             std = max(figures[f"acc_multiscale_s0.5{tag}_std"], figures[f"acc_baseline_s0.5{tag}_std"])
             figures[f"multiscale_beats_baseline_s0.5{tag}"] = bool(ms - base > std)
     figures["runs_done"] = len(runs)
-    figures["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
+    if started is not None:  # a rewrite from the log (--summarise-only) has no run of its own
+        figures["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
     figures["note"] = (
         "2-core machine shared with other jobs while measured: accuracies are valid, the wall times "
         "(wall_s_*, wall_minutes) only say what the runs cost then, not how fast the models are"
     )
+    if args.note:
+        figures["budget_note"] = args.note
     return figures
 
 
@@ -214,6 +217,12 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="ModelSpec fields for the multi-scale model; its partners get the same, except "
         f"{sorted(MULTISCALE_ONLY)} (no meaning at scales=1), then are width-matched",
+    )
+    parser.add_argument("--note", default=None, help="a note on the budget, kept in the summary")
+    parser.add_argument(
+        "--summarise-only",
+        action="store_true",
+        help="train nothing: rewrite the summary from this setup's lines in NAME_runs.jsonl",
     )
     parser.add_argument(
         "--training",
@@ -250,6 +259,10 @@ def main() -> None:
     }
     train = {"batch_size": args.batch_size, "lr": args.lr}
     log = RESULTS / f"{args.name}_runs.jsonl"
+    if args.summarise_only:
+        runs = [r for r in map(json.loads, log.read_text().splitlines()) if _same(r, setup)]
+        write_atomic(args.name, summarise(runs, models, costs, args, None))
+        return
     with tempfile.TemporaryDirectory(prefix="lowres-") as tmp:
         data = load_data(args.train_subset, args.test_subset, args.data_dir or Path(tmp) / "data")
         # seeds outermost: a run cut short still has every model at the same seeds

@@ -184,7 +184,9 @@ def summarise(runs: list[dict], models: dict, costs: dict, args, started: float 
         ms, base = figures.get(f"acc_multiscale_s0.5{tag}"), figures.get(f"acc_baseline_s0.5{tag}")
         if ms is not None and base is not None:
             std = max(figures[f"acc_multiscale_s0.5{tag}_std"], figures[f"acc_baseline_s0.5{tag}_std"])
-            figures[f"multiscale_beats_baseline_s0.5{tag}"] = bool(ms - base > std)
+            n = min(len(figures[f"acc_{m}_s0.5{tag}_per_seed"]) for m in ("multiscale", "baseline"))
+            # one seed has no std to beat: no verdict
+            figures[f"multiscale_beats_baseline_s0.5{tag}"] = bool(ms - base > std) if n > 1 else None
     figures["runs_done"] = len(runs)
     if started is not None:  # a rewrite from the log (--summarise-only) has no run of its own
         figures["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)

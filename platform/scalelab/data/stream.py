@@ -302,6 +302,7 @@ class StreamConfig:
     std: list[float]
     augment: AugmentSpec | None = None
     seed: int = 0
+    object_store_mb: float | None = None  # Ray Data reader: object-store bound (data.stream_object_store_mb)
 
 
 def decode_window(cfg: StreamConfig, win: Window, epoch: int, rank: int, index: int) -> dict[str, np.ndarray]:
@@ -429,6 +430,10 @@ class RayDataLoader(_StreamLoaderBase):
         plan = self.plan()
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the plan's order is the epoch's order
+        if self.cfg.object_store_mb:  # backpressure: no new decode task while this much is queued
+            ctx.execution_options.resource_limits = ray.data.ExecutionResources(
+                object_store_memory=self.cfg.object_store_mb * 1e6
+            )
         items = [
             {"item": json.dumps({"i": i, "groups": w.groups, "order": w.order.tolist()})}
             for i, w in enumerate(plan.windows)

@@ -38,11 +38,12 @@ def _encode(arr: np.ndarray, fmt: str) -> bytes:
 def test_prepare_keeps_files_that_need_no_change_and_reencodes_the_rest(tmp_path: Path):
     rng = np.random.default_rng(0)
     rgb = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    grey = rng.integers(0, 256, (16, 16), dtype=np.uint8)
     files = [
         _save(tmp_path / "a" / "ok.jpg", rgb(16, 16), "JPEG"),  # kept: JPEG, 16 px, RGB
         _save(tmp_path / "a" / "ok.png", rgb(16, 16), "PNG"),  # kept: PNG, 16 px, RGB
         _save(tmp_path / "b" / "big.jpg", rgb(24, 20), "JPEG"),  # resized + cropped: re-encoded
-        _save(tmp_path / "b" / "grey.jpg", rng.integers(0, 256, (16, 16), dtype=np.uint8), "JPEG"),  # L -> RGB
+        _save(tmp_path / "b" / "grey.jpg", grey, "JPEG"),  # mode L, converted to RGB: re-encoded
     ]
     corrupt = tmp_path / "b" / "cut.jpg"
     corrupt.write_bytes(files[0].read_bytes()[:300])  # a truncated JPEG: its header parses, its data not

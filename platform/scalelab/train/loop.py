@@ -326,7 +326,7 @@ def stream_loaders(
             data.std,
             augment,
             spec.train.seed,
-            d.stream_object_store_mb,
+            object_store_mb=d.stream_object_store_mb,
         )
 
     where = dict(device=runtime.device, channels_last=runtime.channels_last)

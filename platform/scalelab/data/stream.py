@@ -244,7 +244,7 @@ def decode_augment(
     """Encoded images -> augmented uint8 (N, C, H, W), each decoded straight into its place.
 
     Crop, flip and erasing move or zero whole pixels, so on uint8 they give exactly what
-    :func:`to_batch` gives on floats, at a quarter of the memory traffic; the float conversion
+    :func:`augment_floats` gives on floats, at a quarter of the memory traffic; the float conversion
     and normalisation happen once per batch where the batch is consumed (:func:`normalise_batch`),
     on the training device. Random crop = the image shifted by (pad - offset) with zeros where it
     left the frame; a flip writes through a column-reversed view of the output."""

@@ -21,7 +21,7 @@ class-mixed row groups (the accuracy test checks it against the in-memory full s
 
 Two executions of the same plan: :class:`PlanLoader` decodes in this process (``train.workers=0``,
 pure pyarrow + PIL), :class:`RayDataLoader` turns the plan's windows into a Ray Data dataset whose
-``map_batches`` tasks read, decode, augment and normalise (CPU nodes feed the GPU workers), read
+``map_batches`` tasks read, decode and augment into uint8 (CPU nodes feed the GPU workers), read
 back in plan order (``preserve_order``) with ``iter_torch_batches``.
 """
 

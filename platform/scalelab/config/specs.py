@@ -198,6 +198,15 @@ class DataSpec(_Spec):
         "the DVC remote's objects of the recorded version ('remote': S3, nothing downloaded first; "
         "the folder need not exist on any node, only its .dvc/dvc.lock entry).",
     )
+    stream_object_store_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Stream format, Ray Train workers: the most Ray object-store memory one worker's "
+        "Ray Data reader may fill with decoded windows ahead of training (Ray Data's "
+        "execution_options.resource_limits: it stops launching decode tasks above it; a soft bound, "
+        "at least one window). The worker maps these blocks zero-copy, so this also bounds its shared "
+        "resident pages. None: Ray Data's default, half of the node's object store.",
+    )
     read_retry_s: float = Field(
         120.0,
         ge=0,

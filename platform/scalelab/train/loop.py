@@ -326,6 +326,7 @@ def stream_loaders(
             data.std,
             augment,
             spec.train.seed,
+            object_store_mb=d.stream_object_store_mb,
         )
 
     where = dict(device=runtime.device, channels_last=runtime.channels_last)
@@ -401,6 +402,7 @@ def train_one_epoch(
         progress.start(epoch + 1, t.epochs, len(loader) - skip // max(1, loader.batch_size))
     start = time.perf_counter()
     memory = RssWatch()
+    steady_from: tuple[float, int] | None = None
     warm_at = max(0, len(loader) - skip // max(1, loader.batch_size)) // 20  # after 5% of the epoch
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
@@ -416,13 +418,14 @@ def train_one_epoch(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
-        if i == warm_at:
-            memory.warm()
         consumed += len(y)
         loss_sum += loss.detach() * len(y)
         if not detection:
             correct += (outputs[0].detach().argmax(1) == y).sum()
         seen += len(y)
+        if i == warm_at:
+            memory.warm()
+            steady_from = (time.perf_counter(), seen)  # start-up (a loader's first batches) left out
         if progress is not None:
             progress.advance(len(y) * world_size)
         end = consumed >= len(loader) * loader.batch_size
@@ -433,13 +436,19 @@ def train_one_epoch(
         progress.finish()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    stop = time.perf_counter()
+    elapsed = stop - start
+    steady = {}
+    if steady_from is not None and seen > steady_from[1]:
+        rate = (seen - steady_from[1]) * world_size / max(stop - steady_from[0], 1e-9)
+        steady["steady_images_per_s"] = rate
     return {
         "train_loss": loss_sum.item() / max(1, seen),
         **({} if detection else {"train_acc": correct.item() / max(1, seen)}),
         "lr": optimizer.param_groups[0]["lr"],
         "epoch_seconds": elapsed,
         "images_per_s": seen * world_size / max(elapsed, 1e-9),
+        **steady,  # after the first 5% of the steps, to the end
         **memory.metrics(),
     }
 

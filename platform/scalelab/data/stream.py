@@ -23,6 +23,12 @@ Two executions of the same plan: :class:`PlanLoader` decodes in this process (``
 pure pyarrow + PIL), :class:`RayDataLoader` turns the plan's windows into a Ray Data dataset whose
 ``map_batches`` tasks read, decode, augment and normalise (CPU nodes feed the GPU workers), read
 back in plan order (``preserve_order``) with ``iter_torch_batches``.
+
+Detection shards (rows with boxes) go through the same plan, counter and loaders: a window's
+boxes are padded to the dataset's ``max_boxes`` (so Ray Data carries them as fixed-shape tensor
+columns), flipped with their images (the only detection-safe augmentation), and the loaders yield
+``(x, BoxTargets)`` exactly as the in-memory ``DetectionLoader`` does; targets' ``image_ids`` are
+the sample ids, unique across splits and ranks, so mAP gathers every image once.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ import torch
 
 from scalelab.artifacts.preprocess import normalise_tensor, pixel_scale
 from scalelab.config.specs import AugmentSpec
-from scalelab.data.shards import ShardSource, ShardSplit, decode_rows
+from scalelab.data.shards import BOX_COLUMNS, ShardSource, ShardSplit, decode_rows
+from scalelab.models.detection_loss import BoxTargets
 
 EVAL_BATCH = 256
 
@@ -198,6 +205,66 @@ def to_batch(
     return normalise_tensor(t, *pixel_scale(mean, std))
 
 
+# ----------------------------------------------------------------------------- detection
+
+
+def window_columns(
+    source: ShardSource, shards: list[dict[str, Any]], win: Window, columns: list[str]
+) -> tuple[dict[str, Any], str]:
+    """A window's rows of ``columns`` in its order (one read per shard), and where they came from."""
+    by_shard: dict[int, list[int]] = {}
+    for s, g in win.groups:
+        by_shard.setdefault(s, []).append(g)
+    parts = [source.read_columns(shards[s], columns, row_groups=gs) for s, gs in by_shard.items()]
+    cols = {}
+    for c in columns:
+        joined = [v for p in parts for v in p[c]] if c == "image" else np.concatenate([p[c] for p in parts])
+        cols[c] = [joined[i] for i in win.order] if c == "image" else joined[win.order]
+    return cols, " or ".join(shards[s]["file"] for s in by_shard)
+
+
+def decode_detection_window(
+    cfg: StreamConfig, win: Window, epoch: int, rank: int, index: int
+) -> dict[str, np.ndarray]:
+    """A detection window: images (flipped at random when ``augment.hflip``, boxes with them) and
+    boxes padded to ``max_boxes`` per image; ``y`` is each image's object count."""
+    cols, where = window_columns(cfg.source, cfg.shards, win, ["id", "label", "image", *BOX_COLUMNS])
+    x = decode_rows(cols, cfg.channels, where)  # (N, H, W, C) uint8
+    n, width = len(x), x.shape[2]
+    pad = max(1, cfg.max_boxes)  # never a zero-width tensor column
+    boxes = np.zeros((n, pad, 4), np.float32)
+    labels = np.zeros((n, pad), np.int64)
+    counts = np.zeros(n, np.int64)
+    for i, (b, lab) in enumerate(zip(cols["boxes"], cols["box_labels"], strict=True)):
+        m = counts[i] = len(lab)
+        boxes[i, :m] = np.asarray(b, np.float32).reshape(m, 4)
+        labels[i, :m] = lab
+    t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float()
+    if cfg.augment is not None and cfg.augment.hflip:
+        seed = [cfg.seed, epoch, rank, index, int(win.order[0]) if len(win.order) else 0]
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        flip = torch.rand(n, generator=gen) < 0.5
+        t = torch.where(flip.view(n, 1, 1, 1), t.flip(3), t)
+        f = flip.numpy()
+        x1 = boxes[f, :, 0].copy()
+        boxes[f, :, 0] = width - boxes[f, :, 2]  # x2 is exclusive: [x1, x2) mirrors to [W - x2, W - x1)
+        boxes[f, :, 2] = width - x1
+    t = normalise_tensor(t, *pixel_scale(cfg.mean, cfg.std))
+    return {"x": t.numpy(), "y": counts, "id": cols["id"], "boxes": boxes, "box_labels": labels}
+
+
+def box_targets(batch: dict[str, Any], device: torch.device) -> BoxTargets:
+    """A detection batch (numpy or torch columns, boxes padded) -> BoxTargets on ``device``."""
+    counts = torch.as_tensor(batch["y"]).tolist()
+    boxes, labels = torch.as_tensor(batch["boxes"]), torch.as_tensor(batch["box_labels"])
+    return BoxTargets(
+        [boxes[i, :m].to(device) for i, m in enumerate(counts)],
+        [labels[i, :m].to(device) for i, m in enumerate(counts)],
+        torch.as_tensor(batch["id"]).cpu(),
+        int(batch["x"].shape[-1]),
+    )
+
+
 # ----------------------------------------------------------------------------- loaders
 
 
@@ -213,9 +280,13 @@ class StreamConfig:
     std: list[float]
     augment: AugmentSpec | None = None
     seed: int = 0
+    detection: bool = False  # rows carry boxes: batches add padded "boxes" / "box_labels"
+    max_boxes: int = 0  # the most objects in one image (metadata.json): the padded width
 
 
 def decode_window(cfg: StreamConfig, win: Window, epoch: int, rank: int, index: int) -> dict[str, np.ndarray]:
+    if cfg.detection:
+        return decode_detection_window(cfg, win, epoch, rank, index)
     ids, labels, x = read_window(cfg.source, cfg.shards, win, cfg.channels)
     seed = [cfg.seed, epoch, rank, index, int(win.order[0]) if len(win.order) else 0]
     t = to_batch(x, cfg.mean, cfg.std, cfg.augment, seed)
@@ -287,7 +358,13 @@ class _StreamLoaderBase:
                 )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if isinstance(y, BoxTargets):  # already on the device
+            return x.to(self.device, non_blocking=True), y
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _targets(self, batch: dict[str, Any]):
+        """Class labels, or BoxTargets for a detection batch."""
+        return box_targets(batch, self.device) if self.cfg.detection else torch.as_tensor(batch["y"])
 
     def batches(self, plan: RankPlan) -> Iterator[dict[str, np.ndarray]]:
         raise NotImplementedError
@@ -305,7 +382,7 @@ class _StreamLoaderBase:
                 b = self.batch_size
                 yield self._emit(
                     torch.from_numpy(merged["x"][:b]),
-                    torch.from_numpy(merged["y"][:b]),
+                    self._targets({k: v[:b] for k, v in merged.items()}),
                     merged["id"][:b],
                     position,
                 )
@@ -343,7 +420,7 @@ class RayDataLoader(_StreamLoaderBase):
         )
         position = plan.start
         for batch in ds.iter_torch_batches(batch_size=self.batch_size, drop_last=False, prefetch_batches=2):
-            yield self._emit(batch["x"], batch["y"], batch["id"].numpy(), position)
+            yield self._emit(batch["x"], self._targets(batch), batch["id"].numpy(), position)
             position += len(batch["y"])
 
 
@@ -391,4 +468,8 @@ class EvalLoader:
                 x = torch.from_numpy(out["x"][b : b + self.batch_size])
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                if self.cfg.detection:
+                    part = {k: v[b : b + self.batch_size] for k, v in out.items()}
+                    yield x.to(self.device), box_targets(part, self.device)
+                    continue
                 yield x.to(self.device), torch.from_numpy(out["y"][b : b + self.batch_size]).to(self.device)

@@ -37,7 +37,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -211,55 +211,49 @@ def to_batch(
 def window_columns(
     source: ShardSource, shards: list[dict[str, Any]], win: Window, columns: list[str]
 ) -> tuple[dict[str, Any], str]:
-    """A window's rows of ``columns`` in its order (one read per shard), and where they came from."""
+    """A window's rows of (non-image) ``columns`` in its order, one read per shard, and where from."""
     by_shard: dict[int, list[int]] = {}
     for s, g in win.groups:
         by_shard.setdefault(s, []).append(g)
     parts = [source.read_columns(shards[s], columns, row_groups=gs) for s, gs in by_shard.items()]
-    cols = {}
-    for c in columns:
-        joined = [v for p in parts for v in p[c]] if c == "image" else np.concatenate([p[c] for p in parts])
-        cols[c] = [joined[i] for i in win.order] if c == "image" else joined[win.order]
+    cols = {c: np.concatenate([p[c] for p in parts])[win.order] for c in columns}
     return cols, " or ".join(shards[s]["file"] for s in by_shard)
 
 
 def decode_detection_window(
     cfg: StreamConfig, win: Window, epoch: int, rank: int, index: int
 ) -> dict[str, np.ndarray]:
-    """A detection window: images (flipped at random when ``augment.hflip``, boxes with them) and
-    boxes padded to ``max_boxes`` per image; ``y`` is each image's object count."""
-    cols, where = window_columns(cfg.source, cfg.shards, win, ["id", "label", "image", *BOX_COLUMNS])
-    x = decode_rows(cols, cfg.channels, where)  # (N, H, W, C) uint8
-    n, width = len(x), x.shape[2]
+    """A detection window: the images exactly as :func:`decode_window` gives a classification
+    window (``y`` is then each image's object count), plus its boxes padded to ``max_boxes`` per
+    image, flipped where the image was flipped."""
+    out = decode_window(replace(cfg, detection=False), win, epoch, rank, index)
+    cols, _ = window_columns(cfg.source, cfg.shards, win, list(BOX_COLUMNS))
+    n, width = len(out["y"]), out["x"].shape[-1]  # x: (N, C, H, W)
     pad = max(1, cfg.max_boxes)  # never a zero-width tensor column
     boxes = np.zeros((n, pad, 4), np.float32)
     labels = np.zeros((n, pad), np.int64)
-    counts = np.zeros(n, np.int64)
     for i, (b, lab) in enumerate(zip(cols["boxes"], cols["box_labels"], strict=True)):
-        m = counts[i] = len(lab)
-        boxes[i, :m] = np.asarray(b, np.float32).reshape(m, 4)
-        labels[i, :m] = lab
-    t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float()
+        boxes[i, : len(lab)] = np.asarray(b, np.float32).reshape(-1, 4)
+        labels[i, : len(lab)] = lab
     if cfg.augment is not None and cfg.augment.hflip:
+        # hflip is detection's only augmentation, so its draw is the window generator's first (as
+        # in augment_batch): the same seed gives the same flips the images got
         seed = [cfg.seed, epoch, rank, index, int(win.order[0]) if len(win.order) else 0]
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-        flip = torch.rand(n, generator=gen) < 0.5
-        t = torch.where(flip.view(n, 1, 1, 1), t.flip(3), t)
-        f = flip.numpy()
+        f = (torch.rand(n, generator=gen) < 0.5).numpy()
         x1 = boxes[f, :, 0].copy()
         boxes[f, :, 0] = width - boxes[f, :, 2]  # x2 is exclusive: [x1, x2) mirrors to [W - x2, W - x1)
         boxes[f, :, 2] = width - x1
-    t = normalise_tensor(t, *pixel_scale(cfg.mean, cfg.std))
-    return {"x": t.numpy(), "y": counts, "id": cols["id"], "boxes": boxes, "box_labels": labels}
+    return {**out, "boxes": boxes, "box_labels": labels}
 
 
-def box_targets(batch: dict[str, Any], device: torch.device) -> BoxTargets:
-    """A detection batch (numpy or torch columns, boxes padded) -> BoxTargets on ``device``."""
+def box_targets(batch: dict[str, Any]) -> BoxTargets:
+    """A detection batch (numpy or torch columns, boxes padded) -> BoxTargets (on the CPU)."""
     counts = torch.as_tensor(batch["y"]).tolist()
     boxes, labels = torch.as_tensor(batch["boxes"]), torch.as_tensor(batch["box_labels"])
     return BoxTargets(
-        [boxes[i, :m].to(device) for i, m in enumerate(counts)],
-        [labels[i, :m].to(device) for i, m in enumerate(counts)],
+        [boxes[i, :m] for i, m in enumerate(counts)],
+        [labels[i, :m] for i, m in enumerate(counts)],
         torch.as_tensor(batch["id"]).cpu(),
         int(batch["x"].shape[-1]),
     )
@@ -358,13 +352,11 @@ class _StreamLoaderBase:
                 )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if isinstance(y, BoxTargets):  # already on the device
-            return x.to(self.device, non_blocking=True), y
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _targets(self, batch: dict[str, Any]):
         """Class labels, or BoxTargets for a detection batch."""
-        return box_targets(batch, self.device) if self.cfg.detection else torch.as_tensor(batch["y"])
+        return box_targets(batch) if self.cfg.detection else torch.as_tensor(batch["y"])
 
     def batches(self, plan: RankPlan) -> Iterator[dict[str, np.ndarray]]:
         raise NotImplementedError
@@ -468,8 +460,9 @@ class EvalLoader:
                 x = torch.from_numpy(out["x"][b : b + self.batch_size])
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                if self.cfg.detection:
-                    part = {k: v[b : b + self.batch_size] for k, v in out.items()}
-                    yield x.to(self.device), box_targets(part, self.device)
-                    continue
-                yield x.to(self.device), torch.from_numpy(out["y"][b : b + self.batch_size]).to(self.device)
+                y = (
+                    box_targets({k: v[b : b + self.batch_size] for k, v in out.items()})
+                    if self.cfg.detection
+                    else torch.from_numpy(out["y"][b : b + self.batch_size])
+                )
+                yield x.to(self.device), y.to(self.device)

@@ -333,8 +333,8 @@ def stream_loaders(
             data.std,
             augment,
             spec.train.seed,
-            detection,
-            int(data.meta.get("max_boxes", 0)),
+            detection=detection,
+            max_boxes=int(data.meta.get("max_boxes", 0)),
         )
 
     where = dict(device=runtime.device, channels_last=runtime.channels_last)

@@ -164,7 +164,7 @@ class DataSpec(_Spec):
     )
     split_seed: int = Field(0, description="Seed of the stratified split (changes the data version).")
     on_bad_file: Literal["error", "skip"] = Field(
-        "error", description="Imagefolder: stop at an unreadable image, or skip and count it."
+        "error", description="Imagefolder and COCO: stop at an unreadable image, or skip and count it."
     )
     format: Literal["auto", "memory", "stream"] = Field(
         "auto",

@@ -23,6 +23,12 @@ Two executions of the same plan: :class:`PlanLoader` decodes in this process (``
 pure pyarrow + PIL), :class:`RayDataLoader` turns the plan's windows into a Ray Data dataset whose
 ``map_batches`` tasks read, decode and augment into uint8 (CPU nodes feed the GPU workers), read
 back in plan order (``preserve_order``) with ``iter_torch_batches``.
+
+Detection shards (rows with boxes) go through the same plan, counter and loaders: a window's
+boxes are padded to the dataset's ``max_boxes`` (so Ray Data carries them as fixed-shape tensor
+columns), flipped with their images (the only detection-safe augmentation), and the loaders yield
+``(x, BoxTargets)`` exactly as the in-memory ``DetectionLoader`` does; targets' ``image_ids`` are
+the sample ids, unique across splits and ranks, so mAP gathers every image once.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -39,8 +45,9 @@ import torch
 
 from scalelab.artifacts.preprocess import pixel_scale
 from scalelab.config.specs import AugmentSpec
-from scalelab.data.shards import ShardSource, ShardSplit, decode_image, decode_rows
+from scalelab.data.shards import BOX_COLUMNS, ShardSource, ShardSplit, decode_image, decode_rows
 from scalelab.errors import DataError
+from scalelab.models.detection_loss import BoxTargets
 
 EVAL_BATCH = 256
 
@@ -287,6 +294,60 @@ def normalise_batch(x: torch.Tensor, mean_px: torch.Tensor, std_px: torch.Tensor
     return x.float().sub_(mean_px).div_(std_px)
 
 
+# ----------------------------------------------------------------------------- detection
+
+
+def window_columns(
+    source: ShardSource, shards: list[dict[str, Any]], win: Window, columns: list[str]
+) -> tuple[dict[str, Any], str]:
+    """A window's rows of (non-image) ``columns`` in its order, one read per shard, and where from."""
+    by_shard: dict[int, list[int]] = {}
+    for s, g in win.groups:
+        by_shard.setdefault(s, []).append(g)
+    parts = [source.read_columns(shards[s], columns, row_groups=gs) for s, gs in by_shard.items()]
+    cols = {c: np.concatenate([p[c] for p in parts])[win.order] for c in columns}
+    return cols, " or ".join(shards[s]["file"] for s in by_shard)
+
+
+def decode_detection_window(
+    cfg: StreamConfig, win: Window, epoch: int, rank: int, index: int
+) -> dict[str, np.ndarray]:
+    """A detection window: the images exactly as :func:`decode_window` gives a classification
+    window (``y`` is then each image's object count), plus its boxes padded to ``max_boxes`` per
+    image, flipped where the image was flipped."""
+    out = decode_window(replace(cfg, detection=False), win, epoch, rank, index)
+    cols, _ = window_columns(cfg.source, cfg.shards, win, list(BOX_COLUMNS))
+    n, width = len(out["y"]), out["x"].shape[-1]  # x: (N, C, H, W)
+    pad = max(1, cfg.max_boxes)  # never a zero-width tensor column
+    boxes = np.zeros((n, pad, 4), np.float32)
+    labels = np.zeros((n, pad), np.int64)
+    for i, (b, lab) in enumerate(zip(cols["boxes"], cols["box_labels"], strict=True)):
+        boxes[i, : len(lab)] = np.asarray(b, np.float32).reshape(-1, 4)
+        labels[i, : len(lab)] = lab
+    if cfg.augment is not None and cfg.augment.hflip:
+        # hflip is detection's only augmentation, so its draw is the window generator's first (as
+        # in augment_batch): the same seed gives the same flips the images got
+        seed = [cfg.seed, epoch, rank, index, int(win.order[0]) if len(win.order) else 0]
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+        f = (torch.rand(n, generator=gen) < 0.5).numpy()
+        x1 = boxes[f, :, 0].copy()
+        boxes[f, :, 0] = width - boxes[f, :, 2]  # x2 is exclusive: [x1, x2) mirrors to [W - x2, W - x1)
+        boxes[f, :, 2] = width - x1
+    return {**out, "boxes": boxes, "box_labels": labels}
+
+
+def box_targets(batch: dict[str, Any]) -> BoxTargets:
+    """A detection batch (numpy or torch columns, boxes padded) -> BoxTargets (on the CPU)."""
+    counts = torch.as_tensor(batch["y"]).tolist()
+    boxes, labels = torch.as_tensor(batch["boxes"]), torch.as_tensor(batch["box_labels"])
+    return BoxTargets(
+        [boxes[i, :m] for i, m in enumerate(counts)],
+        [labels[i, :m] for i, m in enumerate(counts)],
+        torch.as_tensor(batch["id"]).cpu(),
+        int(batch["x"].shape[-1]),
+    )
+
+
 # ----------------------------------------------------------------------------- loaders
 
 
@@ -302,6 +363,8 @@ class StreamConfig:
     std: list[float]
     augment: AugmentSpec | None = None
     seed: int = 0
+    detection: bool = False  # rows carry boxes: batches add padded "boxes" / "box_labels"
+    max_boxes: int = 0  # the most objects in one image (metadata.json): the padded width
     object_store_mb: float | None = None  # Ray Data reader: object-store bound (data.stream_object_store_mb)
 
 
@@ -309,6 +372,8 @@ def decode_window(cfg: StreamConfig, win: Window, epoch: int, rank: int, index: 
     """A window read, decoded and augmented: ``x`` pixels (N, C, H, W) in [0, 255], not normalised
     (uint8; float only after ``augment.rescale``), ``y`` labels, ``id`` sample ids. Blocks stay uint8
     through Ray's object store (4x smaller than floats); the consumer normalises per batch."""
+    if cfg.detection:
+        return decode_detection_window(cfg, win, epoch, rank, index)
     ids, labels, raws, where = read_window(cfg.source, cfg.shards, win)
     seed = [cfg.seed, epoch, rank, index, int(win.order[0]) if len(win.order) else 0]
     if cfg.augment is not None and cfg.augment.rescale is not None:
@@ -387,6 +452,10 @@ class _StreamLoaderBase:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
+    def _targets(self, batch: dict[str, Any]):
+        """Class labels, or BoxTargets for a detection batch."""
+        return box_targets(batch) if self.cfg.detection else torch.as_tensor(batch["y"])
+
     def batches(self, plan: RankPlan) -> Iterator[dict[str, np.ndarray]]:
         raise NotImplementedError
 
@@ -403,7 +472,7 @@ class _StreamLoaderBase:
                 b = self.batch_size
                 yield self._emit(
                     torch.from_numpy(merged["x"][:b]),
-                    torch.from_numpy(merged["y"][:b]),
+                    self._targets({k: v[:b] for k, v in merged.items()}),
                     merged["id"][:b],
                     position,
                 )
@@ -445,7 +514,7 @@ class RayDataLoader(_StreamLoaderBase):
         )
         position = plan.start
         for batch in ds.iter_torch_batches(batch_size=self.batch_size, drop_last=False, prefetch_batches=2):
-            yield self._emit(batch["x"], batch["y"], batch["id"].numpy(), position)
+            yield self._emit(batch["x"], self._targets(batch), batch["id"].numpy(), position)
             position += len(batch["y"])
 
 
@@ -495,4 +564,9 @@ class EvalLoader:
                 x = normalise_batch(x, self.mean_px, self.std_px)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                yield x, torch.from_numpy(out["y"][b : b + self.batch_size]).to(self.device)
+                y = (
+                    box_targets({k: v[b : b + self.batch_size] for k, v in out.items()})
+                    if self.cfg.detection
+                    else torch.from_numpy(out["y"][b : b + self.batch_size])
+                )
+                yield x, y.to(self.device)

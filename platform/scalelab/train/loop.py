@@ -32,7 +32,7 @@ from scalelab.models.detection_loss import detection_loss
 from scalelab.models.factory import build_model, count_params
 from scalelab.models.resnet import classification_loss
 from scalelab.train.checkpoint import read_position, restore_training_checkpoint, save_training_checkpoint
-from scalelab.train.detection import DetectionLoader
+from scalelab.train.detection import DetectionLoader, detection_augment
 from scalelab.train.progress import EpochProgress
 from scalelab.train.runtime import RssWatch, seed_everything, select_runtime, set_threads
 
@@ -310,9 +310,16 @@ def stream_loaders(
     from scalelab.config.settings import runtime_settings
     from scalelab.data.stream import EvalLoader, PlanLoader, RayDataLoader, StreamConfig
 
-    if spec.model.task != "classification":
-        raise ConfigError("data.format=stream supports classification only for now; set data.format=memory")
     d = spec.data
+    detection = spec.model.task == "detection"
+    if detection != (data.task == "detection"):
+        raise ConfigError(
+            f"model.task is {spec.model.task!r} but the streamed dataset {data.name!r} is {data.task}: "
+            f"use a {spec.model.task} dataset (detection: data.kind scenes or coco)"
+        )
+    augment = allowed_augment(d.augment, data.hflip_ok)
+    if detection:
+        augment = detection_augment(augment)
 
     source = replace(data.source, retry_s=d.read_retry_s)
 
@@ -327,12 +334,14 @@ def stream_loaders(
             augment,
             spec.train.seed,
             object_store_mb=d.stream_object_store_mb,
+            detection=detection,
+            max_boxes=int(data.meta.get("max_boxes", 0)),
         )
 
     where = dict(device=runtime.device, channels_last=runtime.channels_last)
     Train = RayDataLoader if getattr(data, "reader", "local") == "ray" else PlanLoader  # noqa: N806
     train = Train(
-        config("train", allowed_augment(d.augment, data.hflip_ok)),
+        config("train", augment),
         micro,
         window=d.shuffle_window,
         rank=rank,

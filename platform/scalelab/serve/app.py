@@ -311,14 +311,29 @@ def json_response(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
-def parse_json(body: bytes) -> Any:
-    """The request body as JSON: orjson for well-formed UTF-8 JSON; anything it refuses goes to the
-    standard parser, which accepts what orjson does not (NaN, UTF-16, integers past 64 bits, lone
-    surrogates) and otherwise says what is wrong, as before."""
+def read_predict_json(body: bytes) -> tuple[list[str | list[Any]], int | None]:
+    """``images`` and ``top_k`` of a JSON body. The common shape (a list of base64 strings, an int
+    ``top_k`` or none) is parsed by orjson and checked here as :class:`PredictRequest` would accept
+    it; anything else (pixel arrays, lax values like ``"top_k": "3"``, JSON orjson refuses or reads
+    otherwise, such as integers past 64 bits, which it makes floats) goes the standard way, for the
+    same values or the same 422."""
     try:
-        return orjson.loads(body)
+        obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        pass
+        obj = None
+    if type(obj) is dict:
+        images, top_k = obj.get("images"), obj.get("top_k")
+        if (
+            type(images) is list
+            and all(type(item) is str for item in images)
+            and (top_k is None or (type(top_k) is int and 1 <= top_k <= 1000))
+        ):
+            return images, top_k
+    return predict_request(parse_json(body))
+
+
+def parse_json(body: bytes) -> Any:
+    """The standard parser, its failures said as what to fix."""
     try:
         return json.loads(body)
     except UnicodeDecodeError as exc:
@@ -337,17 +352,6 @@ def parse_json(body: bytes) -> Any:
 
 
 def predict_request(obj: Any) -> tuple[list[str | list[Any]], int | None]:
-    """``images`` and ``top_k`` of a parsed JSON body. The common shape (a list of base64 strings, an
-    int or no ``top_k``) is checked here, as :class:`PredictRequest` would accept it; anything else
-    is validated by that model, for the same values or the same 422."""
-    if type(obj) is dict:
-        images, top_k = obj.get("images"), obj.get("top_k")
-        if (
-            type(images) is list
-            and all(type(item) is str for item in images)
-            and (top_k is None or (type(top_k) is int and 1 <= top_k <= 1000))
-        ):
-            return images, top_k
     try:
         req = PredictRequest.model_validate(obj)
     except ValidationError as exc:
@@ -674,7 +678,7 @@ class ModelServer:
     def _decode_json(self, body: bytes, predictor: Predictor) -> tuple[list[np.ndarray], int | None]:
         if not body.strip():
             raise BadInput(422, f'empty body: send {{"images": [...]}} as JSON ({SEND_ONE_OF})')
-        items, top_k = predict_request(parse_json(body))
+        items, top_k = read_predict_json(body)
         self._check_count(len(items))
         images = [
             decode_base64(item, predictor.input, self.cfg.max_pixels, f"images[{i}]")

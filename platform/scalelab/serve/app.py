@@ -556,7 +556,7 @@ class ModelServer:
             raise RuntimeError("the registry watcher stopped")
 
     # ---- inference -------------------------------------------------------------------------
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, chunks: list[np.ndarray]) -> list[tuple[np.ndarray, Predictor]]:
         predictor = self.predictor
         version = str(predictor.info.get("version"))

@@ -368,3 +368,24 @@ def test_guard_answers_only_plain_predict_posts_itself(monkeypatch, method, path
     scope = {"type": "http", "method": method, "path": path, "root_path": root, "query_string": query}
     asyncio.run(served.Guard(fastapi_app)({**scope, "headers": headers}, receive, send))
     assert calls == ([("hot", ctype, b"{}")] if hot else [("fastapi", b"{}")])
+
+
+def test_top_k_is_the_same_as_per_element_numpy():
+    """``Predictor.top_k`` converts whole arrays to Python numbers; the answer is the old per-element one."""
+    from types import SimpleNamespace
+
+    from scalelab.artifacts.predictor import Predictor
+
+    rng = np.random.default_rng(0)
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(7, 10)).astype(np.float32)), 1).numpy()
+    probs[0, :3] = probs[0, 3]  # ties keep argsort's order
+    fake = SimpleNamespace(classes=tuple(f"c{i}" for i in range(10)))
+    for k in (1, 5, 10, 50):
+        got = Predictor.top_k(fake, probs, k)
+        order = np.argsort(-probs, axis=1)[:, : min(k, 10)]
+        want = [
+            [{"class": fake.classes[j], "index": int(j), "probability": round(float(p[j]), 6)} for j in row]
+            for p, row in zip(probs, order, strict=True)
+        ]
+        assert got == want
+        assert all(type(c["index"]) is int and type(c["probability"]) is float for r in got for c in r)

@@ -29,7 +29,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
-from starlette._utils import get_route_path
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -195,9 +194,18 @@ def _is_hot_predict(scope, headers: dict[str, str]) -> bool:
     return (
         scope.get("method") == "POST"
         and not scope.get("query_string")
-        and get_route_path(scope) == "/v1/predict"
+        and _route_path(scope) == "/v1/predict"
         and not _media_of(headers.get("content-type", "")).startswith("multipart/")
     )
+
+
+def _route_path(scope) -> str:
+    """The path below the app's route prefix (Serve passes the prefix as ``root_path``), as
+    Starlette's router matches it."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
 
 
 async def _read_body(receive, chunks: list[bytes], limit: int) -> str:

@@ -1,15 +1,25 @@
 """Streaming (Parquet shards read by Ray Data) against the in-memory path, on this machine.
 
 One run measures, side by side:
-- ``stream_vs_memory_train_ratio``: steady-state training images/s of ``msresnet_m`` on
-  Fashion-MNIST in one Ray Train worker, streamed (Ray Data decodes on the other core) / in memory;
-- ``decode_augment_images_per_s_per_core``: the streaming path's read + PNG decode + augment +
-  normalise of a generated 96 px dataset on one core, and ``pil_decode_images_per_s_per_core``:
-  PIL alone decoding the same source JPEG files on one core (the ceiling);
+- ``stream_vs_memory_train_ratio``: steady-state training images/s (after the epoch's first 5% of
+  steps) of ``msresnet_m`` on Fashion-MNIST in one Ray Train worker, streamed (Ray Data decodes on
+  the other core) / in memory; ``stream_vs_memory_epoch_ratio``: the same over whole epochs (the
+  reader's start-up included);
+- ``decode_augment_images_per_s_per_core``: the streaming path's Parquet read + decode (the
+  shards keep the source JPEGs' bytes) + augment (uint8, in the Ray Data task) + normalise (per
+  batch, in the consumer) of a generated 96 px dataset, all on one core, and
+  ``pil_decode_images_per_s_per_core``: PIL alone decoding the same source JPEG files on one core
+  (the ceiling);
 - a large generated dataset (``--images`` 96 px JPEGs, decoded ``dataset_decoded_mb`` >= 4x
-  ``worker_memory_cap_mb``): ``prepare_images_per_s`` (folder -> shards on Ray),
-  ``train_images_per_s`` and ``peak_worker_rss_mb`` (the Ray Train worker's resident memory while
-  it trains, with the cap as its Ray memory resource and data budget);
+  ``worker_memory_cap_mb``, the memory a worker may spend on data: ``data.memory_budget_mb``):
+  ``prepare_images_per_s`` (folder -> shards on Ray), ``train_images_per_s``, and the Ray Train
+  worker's memory while it trains: ``worker_private_growth_mb`` (goal <= the cap: private memory,
+  ``RssAnon``, sampled peak minus its level once warm: what the data added), beside
+  ``worker_private_baseline_mb`` (a Ray Train worker with torch and a model, before data: ~0.5 GB,
+  which is why the cap is on the growth and the worker reserves ``worker_memory_reserved_mb`` =
+  ``--worker-baseline-mb`` + cap as its Ray memory resource), ``peak_worker_shmem_mb`` (Ray
+  object-store pages mapped zero-copy, shared, bounded by ``object_store_limit_mb``:
+  ``data.stream_object_store_mb``) and ``peak_worker_rss_mb`` (all of it, as the kernel counts);
 - ``resume_repeated_samples`` / ``resume_skipped_samples``: a Ray Train worker of two killed mid-epoch
   right after a step checkpoint; the resumed epoch's sample ids against the epoch plan (goal 0, 0).
 
@@ -57,10 +67,15 @@ def stream_vs_memory(quick: bool, variant: str) -> dict:
     prepare(load_recipe(REPO / "pipelines" / recipe, stream).data)
     memory = train_images_per_s(recipe, common + ["data.format=memory", "train.run_name=memory"])
     streamed = train_images_per_s(recipe, common + stream + ["train.run_name=stream"])
+    # steady state: after the epoch's first 5% of steps (a Ray Data reader's start-up -- a new
+    # dataset per epoch, task workers importing torch -- is left out, as the issue's figure says)
     return {
-        "stream_vs_memory_train_ratio": streamed["images_per_s"] / memory["images_per_s"],
-        "memory_train_images_per_s": memory["images_per_s"],
-        "stream_train_images_per_s": streamed["images_per_s"],
+        "stream_vs_memory_train_ratio": streamed["steady_images_per_s"] / memory["steady_images_per_s"],
+        "memory_train_images_per_s": memory["steady_images_per_s"],
+        "stream_train_images_per_s": streamed["steady_images_per_s"],
+        "stream_vs_memory_epoch_ratio": streamed["images_per_s"] / memory["images_per_s"],  # start-up in
+        "memory_epoch_images_per_s": memory["images_per_s"],
+        "stream_epoch_images_per_s": streamed["images_per_s"],
         "ratio_dataset": recipe.split(".")[0],
         "ratio_model_variant": "msresnet_tiny" if quick else variant,
     }
@@ -88,9 +103,10 @@ def decode_rates(folder: Path, shards: Path, images: int) -> dict:
     import torch
     from PIL import Image
 
+    from scalelab.artifacts.preprocess import pixel_scale
     from scalelab.config.specs import AugmentSpec
     from scalelab.data.shards import open_sharded
-    from scalelab.data.stream import StreamConfig, decode_window, epoch_windows
+    from scalelab.data.stream import StreamConfig, decode_window, epoch_windows, normalise_batch
 
     torch.set_num_threads(1)
     files = sorted(folder.rglob("*.jpg"))[:images]
@@ -113,11 +129,15 @@ def decode_rates(folder: Path, shards: Path, images: int) -> dict:
         ds.std,
         AugmentSpec(hflip=True, crop_padding=4),
     )
+    mean_px, std_px = pixel_scale(cfg.mean, cfg.std)
     rates = []
     for epoch in range(3):
         start, seen = time.perf_counter(), 0
         for i, win in enumerate(epoch_windows(cfg.shards, cfg.row_group_rows, 0, epoch, 8)):
-            seen += len(decode_window(cfg, win, epoch, 0, i)["y"])
+            x = torch.from_numpy(decode_window(cfg, win, epoch, 0, i)["x"])  # uint8 (N, C, H, W)
+            for b in range(0, len(x), 64):  # the consumer's share: floats, once per batch
+                normalise_batch(x[b : b + 64], mean_px, std_px)
+            seen += len(x)
             if seen >= len(files):
                 break
         rates.append(seen / (time.perf_counter() - start))
@@ -129,7 +149,7 @@ def decode_rates(folder: Path, shards: Path, images: int) -> dict:
     }
 
 
-def large_dataset(folder: Path, n: int, size: int, cap_mb: int) -> dict:
+def large_dataset(folder: Path, n: int, size: int, cap_mb: int, baseline_mb: int, store_mb: int) -> dict:
     """Prepare the JPEG folder into shards on Ray, then train one epoch streamed under the cap."""
     from scalelab.data.shards import open_sharded
 
@@ -141,12 +161,14 @@ def large_dataset(folder: Path, n: int, size: int, cap_mb: int) -> dict:
         f"data.image_size={size}",
         "data.channels=3",
         f"data.memory_budget_mb={cap_mb}",
+        f"data.stream_object_store_mb={store_mb}",
     ]
     spec = load_recipe(REPO / "pipelines" / "digits.yaml", QUIET + data)
     start = time.perf_counter()
     path = prepare(spec.data)
     prepare_rate = n / (time.perf_counter() - start)
-    sizes = open_sharded(path, verify=False).meta["split_sizes"]
+    meta = open_sharded(path, verify=False).meta
+    sizes = meta["split_sizes"]
     decoded_mb = sum(sizes.values()) * size * size * 3 / 1e6
     epoch = train_images_per_s(
         "digits.yaml",
@@ -157,7 +179,7 @@ def large_dataset(folder: Path, n: int, size: int, cap_mb: int) -> dict:
             "train.epochs=1",
             "train.batch_size=64",
             "train.workers=1",
-            f"train.memory_per_worker_mb={cap_mb}",
+            f"train.memory_per_worker_mb={baseline_mb + cap_mb}",
             "train.run_name=large",
         ],
     )
@@ -166,10 +188,18 @@ def large_dataset(folder: Path, n: int, size: int, cap_mb: int) -> dict:
         "dataset_decoded_mb": decoded_mb,
         "worker_memory_cap_mb": cap_mb,
         "dataset_to_cap": decoded_mb / cap_mb,
+        "worker_private_growth_mb": epoch.get("rss_anon_growth_mb"),
+        "worker_private_baseline_mb": epoch.get("rss_anon_warm_mb"),
+        "peak_worker_private_mb": epoch.get("peak_rss_anon_mb"),
+        "worker_memory_reserved_mb": baseline_mb + cap_mb,
+        "peak_worker_shmem_mb": epoch.get("peak_rss_shmem_mb"),
+        "object_store_limit_mb": store_mb,
         "peak_worker_rss_mb": epoch.get("peak_rss_mb"),
         "worker_rss_growth_mb": epoch.get("rss_growth_mb"),
         "worker_rss_anon_mb_at_end": epoch.get("rss_anon_mb"),
         "worker_rss_shmem_mb_at_end": epoch.get("rss_shmem_mb"),
+        "shards_kept_original_bytes": meta["source"]["kept_original_bytes"],
+        "shards_reencoded_png": meta["source"]["reencoded_png"],
         "prepare_images_per_s": prepare_rate,
         "train_images_per_s": epoch["images_per_s"],
         "shard_path": str(path),
@@ -241,9 +271,28 @@ def resume_exactness(work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, figures meaningless")
-    ap.add_argument("--images", type=int, default=150_000, help="generated 96 px JPEGs (large dataset)")
+    ap.add_argument(
+        "--images", type=int, default=None, help="generated 96 px JPEGs (large dataset; 150,000, --quick 600)"
+    )
     ap.add_argument("--size", type=int, default=96, help="their side in pixels")
-    ap.add_argument("--cap-mb", type=int, default=1024, help="worker memory cap (Ray memory resource)")
+    ap.add_argument(
+        "--cap-mb",
+        type=int,
+        default=1024,
+        help="what a worker may spend on data (data.memory_budget_mb; goal: its private memory grows less)",
+    )
+    ap.add_argument(
+        "--worker-baseline-mb",
+        type=int,
+        default=768,
+        help="a Ray Train worker's own memory before data (torch, Ray, model); reserved on top of the cap",
+    )
+    ap.add_argument(
+        "--object-store-mb",
+        type=int,
+        default=None,
+        help="data.stream_object_store_mb: object store one worker's reader may fill (default: the cap)",
+    )
     ap.add_argument("--decode-images", type=int, default=3000, help="images timed per decode repeat")
     ap.add_argument(
         "--ratio-variant",
@@ -253,8 +302,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="results file (default: results/streaming.json)")
     args = ap.parse_args()
     if args.quick:
-        args.images, args.cap_mb, args.decode_images = 600, 4, 200
-    elif not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        args.cap_mb, args.decode_images = 4, 200
+    args.images = args.images or (600 if args.quick else 150_000)
+    store_mb = args.object_store_mb or args.cap_mb
+    if not args.quick and not Path("/usr/share/datasets/fashion-mnist").is_dir():
         raise SystemExit("needs the Debian package dataset-fashion-mnist (`make system-deps`), or --quick")
     refuse_while_stack_runs()
 
@@ -275,7 +326,9 @@ def main() -> None:
             start = time.perf_counter()
             write_jpegs(folder, args.images, args.size)
             print(f"wrote {args.images} JPEGs in {time.perf_counter() - start:.0f}s", flush=True)
-            large = large_dataset(folder, args.images, args.size, args.cap_mb)
+            large = large_dataset(
+                folder, args.images, args.size, args.cap_mb, args.worker_baseline_mb, store_mb
+            )
             figures.update(decode_rates(folder, Path(large.pop("shard_path")), args.decode_images))
             figures.update(large)
             print(json.dumps(figures), flush=True)

@@ -164,7 +164,7 @@ class DataSpec(_Spec):
     )
     split_seed: int = Field(0, description="Seed of the stratified split (changes the data version).")
     on_bad_file: Literal["error", "skip"] = Field(
-        "error", description="Imagefolder: stop at an unreadable image, or skip and count it."
+        "error", description="Imagefolder and COCO: stop at an unreadable image, or skip and count it."
     )
     format: Literal["auto", "memory", "stream"] = Field(
         "auto",
@@ -197,6 +197,15 @@ class DataSpec(_Spec):
         description="Stream format: read shards from the prepared folder ('local'), or straight from "
         "the DVC remote's objects of the recorded version ('remote': S3, nothing downloaded first; "
         "the folder need not exist on any node, only its .dvc/dvc.lock entry).",
+    )
+    stream_object_store_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Stream format, Ray Train workers: the most Ray object-store memory one worker's "
+        "Ray Data reader may fill with decoded windows ahead of training (Ray Data's "
+        "execution_options.resource_limits: it stops launching decode tasks above it; a soft bound, "
+        "at least one window). The worker maps these blocks zero-copy, so this also bounds its shared "
+        "resident pages. None: Ray Data's default, half of the node's object store.",
     )
     read_retry_s: float = Field(
         120.0,

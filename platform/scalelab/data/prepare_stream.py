@@ -2,8 +2,9 @@
 
 The driver lists the files (``root/<class>/<file>``), splits them (seeded, stratified, as the
 in-memory path does) and hands chunks of files to Ray tasks; each task reads, validates, makes
-square (``data.image_size``, ``data.channels``) and PNG-encodes its images, and returns them with
-the per-channel sums for mean/std. The driver writes the shards as results arrive (at most a few
+square (``data.image_size``, ``data.channels``) and encodes its images (a JPEG/PNG already of that
+size and mode keeps its original bytes; the rest become PNG), and returns them with the per-channel
+sums for mean/std. The driver writes the shards as results arrive (at most a few
 chunks in flight: bounded memory) and prints images/s and an ETA.
 
 When ``image_size`` or ``channels`` is not given, a first pass reads every image to find the most
@@ -106,13 +107,25 @@ def _list_s3(spec: DataSpec) -> SourceFiles:
     return SourceFiles(spec.source, paths, labels, classes, fs)
 
 
-def _read(fs: Any, path: str):
+def _read_bytes(fs: Any, path: str) -> bytes:
     if fs is None:
-        raw = Path(path).read_bytes()
-    else:
-        with fs.open_input_file(path) as f:
-            raw = f.read()
-    return _open_image(io.BytesIO(raw))
+        return Path(path).read_bytes()
+    with fs.open_input_file(path) as f:
+        return f.read()
+
+
+def _read(fs: Any, path: str):
+    return _open_image(io.BytesIO(_read_bytes(fs, path)))
+
+
+def _as_is_format(raw: bytes, size: int, mode: str) -> str | None:
+    """The file's format ("jpeg", "png") when it already is what a shard holds (square ``size`` px in
+    ``mode``, decoded as such with no conversion), so its original bytes can be stored; else None."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as img:
+        fmt = {"JPEG": "jpeg", "PNG": "png"}.get(img.format or "")
+        return fmt if fmt and img.size == (size, size) and img.mode == mode else None
 
 
 def _bad(path: str, exc: BaseException, on_bad_file: str) -> str:
@@ -143,13 +156,17 @@ def survey_chunk(fs: Any, paths: list[str], on_bad_file: str) -> list[tuple[int,
 def encode_chunk(
     fs: Any, paths: list[str], ids: list[int], labels: list[int], size: int, mode: str, on_bad_file: str
 ) -> dict[str, Any]:
-    """Read, square and PNG-encode a chunk; rows, skipped files and channel sums (for mean/std)."""
-    rows, skipped = [], []
+    """Read, validate (decode fully) and square a chunk; rows ``(id, label, bytes, format)``,
+    skipped files and channel sums (for mean/std). A JPEG/PNG that needs no change keeps its
+    original bytes; the others are PNG-encoded."""
+    rows, skipped, kept = [], [], 0
     c = 3 if mode == "RGB" else 1
     sums, sq, pixels = np.zeros(c), np.zeros(c), 0
     for p, i, y in zip(paths, ids, labels, strict=True):
         try:
-            arr = _fit_square(_read(fs, p).convert(mode), size)
+            raw = _read_bytes(fs, p)
+            arr = _fit_square(_open_image(io.BytesIO(raw)).convert(mode), size)
+            fmt = _as_is_format(raw, size, mode)
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -160,8 +177,9 @@ def encode_chunk(
         sums += flat.sum(0)
         sq += (flat**2).sum(0)
         pixels += len(flat)
-        rows.append((i, y, encode_png(arr)))
-    return {"rows": rows, "skipped": skipped, "sums": sums, "sq": sq, "pixels": pixels}
+        rows.append((i, y, raw, fmt) if fmt else (i, y, encode_png(arr), "png"))
+        kept += fmt is not None
+    return {"rows": rows, "skipped": skipped, "kept": kept, "sums": sums, "sq": sq, "pixels": pixels}
 
 
 def _run_chunks(fn: Callable, args: list[tuple], progress: Callable[[int], None]) -> Any:
@@ -221,6 +239,7 @@ def _prepare(spec: DataSpec, files: SourceFiles, out_dir: Path) -> Path:
     fs_ref = fs  # pyarrow filesystems pickle (endpoint and credentials travel with them)
     size, channels = spec.image_size, spec.channels
     skipped: list[str] = []
+    kept = 0  # files stored as they are (original bytes); the others were re-encoded as PNG
     if size is None or channels is None:
         chunks = [(fs_ref, files.paths[i : i + CHUNK], spec.on_bad_file) for i in range(0, n, CHUNK)]
         seen = [s for out in _run_chunks(survey_chunk, chunks, _Progress("survey", n)) for s in out]
@@ -257,6 +276,7 @@ def _prepare(spec: DataSpec, files: SourceFiles, out_dir: Path) -> Path:
             for row in res["rows"]:
                 writer.add(*row)
             skipped += res["skipped"]
+            kept += res["kept"]
             if name == "train":
                 stats[0] += res["sums"]
                 stats[1] += res["sq"]
@@ -284,6 +304,8 @@ def _prepare(spec: DataSpec, files: SourceFiles, out_dir: Path) -> Path:
             "skipped_count": len(skipped),
             "skipped": sorted(rel),
             "image_size": int(size),
+            "kept_original_bytes": kept,
+            "reencoded_png": n - len(skipped) - kept,
         },
         "format": FORMAT,
         "shards": index,

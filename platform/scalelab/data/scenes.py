@@ -9,6 +9,7 @@ letterboxed to it (scaled by the longer side, padded right/bottom), as serving d
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,8 @@ from scalelab.config.specs import DataSpec
 from scalelab.data.dataset import SPLITS, Dataset, Split
 from scalelab.data.sources import conform, read_classification
 from scalelab.errors import DataError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CANVAS = 64
 INK_THRESHOLD = 32  # resized object pixels below this are bilinear halo, not object: zeroed
@@ -232,9 +235,17 @@ def read_coco(spec: DataSpec) -> Dataset:
     channels = spec.channels or 3
     from scalelab.artifacts.preprocess import letterbox, to_channels
 
-    xs, boxes, labels, owners = [], [], [], []
-    for i, im in enumerate(images):
-        arr = to_channels(_load_image(path.parent, im["file_name"]), channels)
+    xs, boxes, labels, owners, skipped = [], [], [], [], []
+    for im in images:
+        try:
+            arr = to_channels(_load_image(path.parent, im["file_name"]), channels)
+        except DataError as e:
+            if spec.on_bad_file == "error":
+                raise DataError(f"{e}. Fix or delete it, or set data.on_bad_file=skip to skip it") from None
+            log.warning("skipping unreadable image %s (%s)", im["file_name"], e)
+            skipped.append(str(im["file_name"]))
+            continue
+        i = len(xs)
         boxed, scale = letterbox(arr, size)
         xs.append(boxed)
         for a in by_image.get(im["id"], []):
@@ -246,6 +257,8 @@ def read_coco(spec: DataSpec) -> Dataset:
             boxes.append([bx * scale, by * scale, (bx + bw) * scale, (by + bh) * scale])
             labels.append(cat_index[a["category_id"]])
             owners.append(i)
+    if not xs:
+        raise DataError(f"{path}: every image was unreadable")
     x = np.stack(xs)
     boxes_a = np.array(boxes, dtype=np.float32).reshape(-1, 4)
     labels_a, owners_a = np.array(labels, dtype=np.int64), np.array(owners, dtype=np.int64)
@@ -262,7 +275,11 @@ def read_coco(spec: DataSpec) -> Dataset:
         classes=[str(c["name"]) for c in cats],
         task="detection",
         hflip_ok=True,
-        source_report={"coco": str(path), "image_size": size},
+        source_report={
+            "coco": str(path),
+            "image_size": size,
+            **({"skipped_count": len(skipped), "skipped": sorted(skipped)} if skipped else {}),
+        },
     )
 
 

@@ -5,12 +5,27 @@ per-split shard index) and ``<split>/shard-NNNNN.parquet`` files. Each row is on
 
   id     int64   sample id, unique within the dataset (the source file's index in sorted order)
   label  int64   class index
-  image  binary  PNG bytes of the image, already square, ``image_size`` px, ``channels`` channels
+  image  binary  encoded image (JPEG or PNG), already square, ``image_size`` px, ``channels`` channels
+
+Detection datasets (``task: detection``) add two list columns, one entry per object of the image
+(``label`` is then the image's object count, as ``Split.y`` is in memory):
+
+  boxes       list<float32>  x1, y1, x2, y2 of each object in pixels, flat (4 values per object)
+  box_labels  list<int64>    class index of each object
+
+and ``metadata.json`` records ``max_boxes`` (the most objects in one image), the width to which
+streamed batches pad their boxes so every batch has one shape.
 
 Why Parquet: Ray Data, pyarrow and every query engine read it natively, from local disk or S3, and
 row groups (``data.row_group_rows`` rows) give readers a unit they can fetch alone: a rank reads
-exactly the rows its epoch plan names (:mod:`scalelab.data.stream`). PNG keeps the bytes identical
-to the in-memory form (lossless), so both forms train on the same pixels.
+exactly the rows its epoch plan names (:mod:`scalelab.data.stream`).
+
+Which encoding: a source file that is already a JPEG or PNG of the target size and mode is stored
+as it is (its original bytes: no re-encoding, no generation loss, and a JPEG decodes ~1.5x faster
+than the PNG it would become); anything that must change (resized, cropped, converted) is encoded
+as PNG, lossless, so it decodes to exactly the pixels the in-memory form holds. Each shard's index
+entry counts its rows per encoding (``formats``). Decoders need no format column: PIL recognises
+the bytes.
 
 Rows are written in a seeded random order (never class by class), so each row group already
 mixes classes; per-epoch shuffling on top of it is cheap (see :mod:`scalelab.data.stream`).
@@ -35,6 +50,7 @@ from scalelab.errors import DataError
 log = logging.getLogger(__name__)
 FORMAT = "shards"
 COLUMNS = ("id", "label", "image")
+BOX_COLUMNS = ("boxes", "box_labels")  # detection shards only
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -47,13 +63,13 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(raw: bytes, channels: int) -> np.ndarray:
-    """PNG bytes -> uint8 (H, W, C); raises whatever PIL raises for a corrupt image."""
+def decode_image(raw: bytes, channels: int) -> np.ndarray:
+    """Encoded image (PNG, JPEG) -> uint8 (H, W, C); raises whatever PIL raises for a corrupt image."""
     from PIL import Image
 
+    mode = "L" if channels == 1 else "RGB"
     with Image.open(io.BytesIO(raw)) as img:
-        img.load()
-        arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+        arr = np.asarray(img if img.mode == mode else img.convert(mode), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -71,28 +87,24 @@ class ShardWriter:
         self._bytes = 0
         self._rows = 0
         self._pending: list[tuple[int, int, bytes]] = []
+        self._formats: dict[str, int] = {}  # rows per encoding, of the shard being written
         (root / split).mkdir(parents=True, exist_ok=True)
 
-    def add(self, sample_id: int, label: int, image: bytes) -> None:
+    def add(self, sample_id: int, label: int, image: bytes, fmt: str = "png") -> None:
+        """One row; ``fmt`` names the encoding of ``image`` ("png" or "jpeg"), counted per shard."""
         self._pending.append((int(sample_id), int(label), image))
+        self._formats[fmt] = self._formats.get(fmt, 0) + 1
         if len(self._pending) >= self.row_group_rows:
             self._flush_group()
 
     def _flush_group(self) -> None:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not self._pending:
             return
-        ids, labels, images = zip(*self._pending, strict=True)
-        self._pending = []
-        table = pa.table(
-            {
-                "id": pa.array(ids, pa.int64()),
-                "label": pa.array(labels, pa.int64()),
-                "image": pa.array(images, pa.binary()),
-            }
-        )
+        rows, self._pending = self._pending, []
+        table = self._table(rows)
+        ids, images = [r[0] for r in rows], [r[2] for r in rows]
         if self._writer is None:
             name = f"{self.split}/shard-{len(self.shards):05d}.parquet"
             self.shards.append({"file": name, "rows": 0, "row_groups": 0, "image_bytes": 0})
@@ -110,19 +122,56 @@ class ShardWriter:
         if self._bytes >= self.target_bytes:
             self._close_shard()
 
+    def _table(self, rows: list[tuple]):
+        import pyarrow as pa
+
+        ids, labels, images = zip(*rows, strict=True)
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.int64()),
+                "label": pa.array(labels, pa.int64()),
+                "image": pa.array(images, pa.binary()),
+            }
+        )
+
     def _close_shard(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
             shard = self.shards[-1]
             path = self.root / shard["file"]
-            shard.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+            shard.update(bytes=path.stat().st_size, sha256=sha256_file(path), formats=self._formats)
         self._bytes = 0
+        self._formats = {}
 
     def close(self) -> list[dict[str, Any]]:
         self._flush_group()
         self._close_shard()
         return self.shards
+
+
+class DetectionShardWriter(ShardWriter):
+    """A :class:`ShardWriter` whose rows also carry the image's boxes and their class labels."""
+
+    def add(self, sample_id: int, label: int, image: bytes, boxes=None, box_labels=None) -> None:  # type: ignore[override]
+        self._pending.append(
+            (
+                int(sample_id),
+                int(label),
+                image,
+                np.asarray(boxes, np.float32).reshape(-1).tolist(),
+                np.asarray(box_labels, np.int64).tolist(),
+            )
+        )
+        if len(self._pending) >= self.row_group_rows:
+            self._flush_group()
+
+    def _table(self, rows: list[tuple]):
+        import pyarrow as pa
+
+        table = super()._table([r[:3] for r in rows])
+        table = table.append_column("boxes", pa.array([r[3] for r in rows], pa.list_(pa.float32())))
+        return table.append_column("box_labels", pa.array([r[4] for r in rows], pa.list_(pa.int64())))
 
 
 def write_shards(
@@ -133,11 +182,8 @@ def write_shards(
     Sample ids are positions in the split as read (train 0.., then val, then test, offset so ids
     are unique across splits); rows go to the shards in a seeded random order.
     """
-    if ds.task != "classification":
-        raise DataError(
-            f"data.format=stream supports classification datasets only for now; {ds.name!r} is "
-            f"{ds.task}: set data.format=memory"
-        )
+    if ds.task == "detection":
+        return write_detection_shards(ds, out_dir, shard_mb, row_group_rows, seed)
     out, tmp = _start(out_dir)
     index: dict[str, list[dict[str, Any]]] = {}
     offset = 0
@@ -150,6 +196,39 @@ def write_shards(
         index[name] = writer.close()
         offset += len(split)
     meta = {**ds.metadata(), "format": FORMAT, "shards": index, "row_group_rows": row_group_rows}
+    return _finish(tmp, out, meta)
+
+
+def write_detection_shards(
+    ds: Dataset, out_dir: str | Path, shard_mb: float, row_group_rows: int, seed: int = 0
+) -> Path:
+    """:func:`write_shards` for a detection dataset: each row also holds its image's boxes."""
+    out, tmp = _start(out_dir)
+    index: dict[str, list[dict[str, Any]]] = {}
+    offset, max_boxes = 0, 0
+    for name in SPLITS:
+        split = ds.splits[name]
+        if not split.has_boxes:
+            raise DataError(f"detection dataset {ds.name!r}: split {name} has no boxes")
+        # the boxes of image i: split.boxes[owner == i], grouped once
+        order = np.argsort(split.box_image_index, kind="stable")
+        starts = np.searchsorted(split.box_image_index[order], np.arange(len(split) + 1))
+        writer = DetectionShardWriter(tmp, name, int(shard_mb * 1e6), row_group_rows)
+        for i in np.random.default_rng([seed, SPLITS.index(name)]).permutation(len(split)):
+            mine = order[starts[i] : starts[i + 1]]
+            max_boxes = max(max_boxes, len(mine))
+            writer.add(
+                offset + int(i), len(mine), encode_png(split.x[i]), split.boxes[mine], split.box_labels[mine]
+            )
+        index[name] = writer.close()
+        offset += len(split)
+    meta = {
+        **ds.metadata(),
+        "format": FORMAT,
+        "shards": index,
+        "row_group_rows": row_group_rows,
+        "max_boxes": max_boxes,
+    }
     return _finish(tmp, out, meta)
 
 
@@ -186,6 +265,7 @@ class ShardSplit:
     shards: list[dict[str, Any]]
     source: ShardSource
     channels: int
+    detection: bool = False  # rows carry boxes (see BOX_COLUMNS)
     _decoded: Split | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -196,12 +276,26 @@ class ShardSplit:
 
     def decoded(self) -> Split:
         if self._decoded is None:
-            xs, ys = [], []
+            xs, ys, boxes, box_labels = [], [], [], []
+            extra = list(BOX_COLUMNS) if self.detection else []
             for shard in self.shards:
-                cols = self.source.read_columns(shard, ["id", "label", "image"])
+                cols = self.source.read_columns(shard, ["id", "label", "image", *extra])
                 xs.append(decode_rows(cols, self.channels, shard["file"]))
                 ys.append(cols["label"])
-            self._decoded = Split(np.concatenate(xs), np.concatenate(ys).astype(np.int64))
+                if self.detection:
+                    boxes += [np.asarray(b, np.float32).reshape(-1, 4) for b in cols["boxes"]]
+                    box_labels += [np.asarray(b, np.int64) for b in cols["box_labels"]]
+            y = np.concatenate(ys).astype(np.int64)
+            if not self.detection:
+                self._decoded = Split(np.concatenate(xs), y)
+            else:  # the flat in-memory layout: all boxes, each with the index of its image
+                self._decoded = Split(
+                    np.concatenate(xs),
+                    y,
+                    boxes=np.concatenate(boxes).reshape(-1, 4) if boxes else np.zeros((0, 4), np.float32),
+                    box_labels=np.concatenate(box_labels) if box_labels else np.zeros(0, np.int64),
+                    box_image_index=np.repeat(np.arange(len(y)), [len(b) for b in box_labels]),
+                )
         return self._decoded
 
     @property
@@ -214,7 +308,19 @@ class ShardSplit:
 
     @property
     def has_boxes(self) -> bool:
-        return False
+        return self.detection
+
+    @property
+    def boxes(self) -> np.ndarray | None:
+        return self.decoded().boxes
+
+    @property
+    def box_labels(self) -> np.ndarray | None:
+        return self.decoded().box_labels
+
+    @property
+    def box_image_index(self) -> np.ndarray | None:
+        return self.decoded().box_image_index
 
 
 def decode_rows(cols: dict[str, Any], channels: int, where: str) -> np.ndarray:
@@ -222,7 +328,7 @@ def decode_rows(cols: dict[str, Any], channels: int, where: str) -> np.ndarray:
     out = []
     for sid, raw in zip(cols["id"], cols["image"], strict=True):
         try:
-            out.append(decode_png(raw, channels))
+            out.append(decode_image(raw, channels))
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
             raise DataError(
                 f"corrupt image (sample id {int(sid)}) in shard {where}: {type(exc).__name__}: {exc}. "
@@ -398,7 +504,8 @@ def open_sharded(root: str | Path, verify: bool = True, source: ShardSource | No
 
 def stream_dataset(meta: dict[str, Any], source: ShardSource) -> StreamDataset:
     channels = int(meta["channels"])
-    splits = {name: ShardSplit(name, meta["shards"][name], source, channels) for name in SPLITS}
+    detection = meta.get("task") == "detection"
+    splits = {name: ShardSplit(name, meta["shards"][name], source, channels, detection) for name in SPLITS}
     return StreamDataset(
         splits=splits,  # type: ignore[arg-type]  # ShardSplit reads like Split
         **metadata_fields(meta),

@@ -21,8 +21,14 @@ class-mixed row groups (the accuracy test checks it against the in-memory full s
 
 Two executions of the same plan: :class:`PlanLoader` decodes in this process (``train.workers=0``,
 pure pyarrow + PIL), :class:`RayDataLoader` turns the plan's windows into a Ray Data dataset whose
-``map_batches`` tasks read, decode, augment and normalise (CPU nodes feed the GPU workers), read
+``map_batches`` tasks read, decode and augment into uint8 (CPU nodes feed the GPU workers), read
 back in plan order (``preserve_order``) with ``iter_torch_batches``.
+
+Detection shards (rows with boxes) go through the same plan, counter and loaders: a window's
+boxes are padded to the dataset's ``max_boxes`` (so Ray Data carries them as fixed-shape tensor
+columns), flipped with their images (the only detection-safe augmentation), and the loaders yield
+``(x, BoxTargets)`` exactly as the in-memory ``DetectionLoader`` does; targets' ``image_ids`` are
+the sample ids, unique across splits and ranks, so mAP gathers every image once.
 """
 
 from __future__ import annotations
@@ -31,15 +37,17 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from scalelab.artifacts.preprocess import normalise_tensor, pixel_scale
+from scalelab.artifacts.preprocess import pixel_scale
 from scalelab.config.specs import AugmentSpec
-from scalelab.data.shards import ShardSource, ShardSplit, decode_rows
+from scalelab.data.shards import BOX_COLUMNS, ShardSource, ShardSplit, decode_image, decode_rows
+from scalelab.errors import DataError
+from scalelab.models.detection_loss import BoxTargets
 
 EVAL_BATCH = 256
 
@@ -114,8 +122,6 @@ def rank_plan(
     per_rank = total // world_size
     samples = (per_rank // batch) * batch
     if samples == 0:
-        from scalelab.errors import DataError
-
         raise DataError(
             f"the training split has {total} samples: too few for {world_size} worker(s) x a micro-batch "
             f"of {batch}; lower train.batch_size or train.workers"
@@ -167,8 +173,8 @@ def planned_ids(
 # ----------------------------------------------------------------------------- reading a window
 
 
-def read_window(source: ShardSource, shards: list[dict[str, Any]], win: Window, channels: int):
-    """A window's samples in its order: (ids (N,), labels (N,), images uint8 (N, H, W, C))."""
+def read_window(source: ShardSource, shards: list[dict[str, Any]], win: Window):
+    """A window's samples in its order, still encoded: (ids (N,), labels (N,), [bytes] * N, where)."""
     by_shard: dict[int, list[int]] = {}
     for s, g in win.groups:  # sorted by (shard, group): one read per shard, concatenated in order
         by_shard.setdefault(s, []).append(g)
@@ -180,22 +186,166 @@ def read_window(source: ShardSource, shards: list[dict[str, Any]], win: Window, 
         raws.extend(cols["image"])
         files.append(shards[s]["file"])
     sel = win.order
-    picked_ids = np.concatenate(ids)[sel]
-    x = decode_rows({"id": picked_ids, "image": [raws[i] for i in sel]}, channels, " or ".join(files))
-    return picked_ids, np.concatenate(labels)[sel].astype(np.int64), x
+    picked = [raws[i] for i in sel]
+    return np.concatenate(ids)[sel], np.concatenate(labels)[sel].astype(np.int64), picked, " or ".join(files)
 
 
-def to_batch(
-    x: np.ndarray, mean: list[float], std: list[float], augment: AugmentSpec | None, seed: list[int]
-):
-    """uint8 (N, H, W, C) -> normalised float (N, C, H, W), augmented with a seeded generator."""
+def augment_floats(x: np.ndarray, augment: AugmentSpec, seed: list[int]) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> augmented float pixels (N, C, H, W) in [0, 255]: the general path,
+    needed for ``augment.rescale`` (resampling makes fractions); :func:`decode_augment` is the fast one."""
     from scalelab.data.loader import augment_batch
 
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).float()
-    if augment is not None:
+    return augment_batch(t, augment, _generator(seed))
+
+
+def _generator(seed: list[int]) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+
+
+@dataclass
+class Draws:
+    """One window's augmentation draws, taken from the generator in ``augment_batch``'s order (so
+    both paths give the same crops, flips and erasures): per sample, crop offsets into the padded
+    image, a flip, and an erased box."""
+
+    dy: np.ndarray
+    dx: np.ndarray
+    flip: np.ndarray
+    erase: np.ndarray
+    y0: np.ndarray
+    x0: np.ndarray
+    eh: np.ndarray
+    ew: np.ndarray
+
+    @classmethod
+    def take(cls, n: int, h: int, w: int, aug: AugmentSpec | None, gen: torch.Generator) -> Draws:
+        zeros, no = np.zeros(n, np.int64), np.zeros(n, bool)
+        dy = dx = zeros
+        flip = erase = no
+        y0 = x0 = eh = ew = zeros
+        if aug is not None and aug.crop_padding:
+            p = aug.crop_padding
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=gen).numpy()
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=gen).numpy()
+        if aug is not None and aug.hflip:
+            flip = (torch.rand(n, generator=gen) < 0.5).numpy()
+        if aug is not None and aug.random_erasing > 0:
+            erase = (torch.rand(n, generator=gen) < aug.random_erasing).numpy()
+            teh = torch.randint(h // 4, h // 2 + 1, (n,), generator=gen)
+            tew = torch.randint(w // 4, w // 2 + 1, (n,), generator=gen)
+            y0 = (torch.rand(n, generator=gen) * (h - teh + 1)).long().numpy()
+            x0 = (torch.rand(n, generator=gen) * (w - tew + 1)).long().numpy()
+            eh, ew = teh.numpy(), tew.numpy()
+        return cls(dy, dx, flip, erase, y0, x0, eh, ew)
+
+
+def decode_augment(
+    raws: list[bytes],
+    ids: np.ndarray,
+    channels: int,
+    augment: AugmentSpec | None,
+    seed: list[int],
+    where: str,
+) -> np.ndarray:
+    """Encoded images -> augmented uint8 (N, C, H, W), each decoded straight into its place.
+
+    Crop, flip and erasing move or zero whole pixels, so on uint8 they give exactly what
+    :func:`augment_floats` gives on floats, at a quarter of the memory traffic; the float conversion
+    and normalisation happen once per batch where the batch is consumed (:func:`normalise_batch`),
+    on the training device. Random crop = the image shifted by (pad - offset) with zeros where it
+    left the frame; a flip writes through a column-reversed view of the output."""
+    n = len(raws)
+    first = _decode(raws[0], channels, ids[0], where)
+    h, w, c = first.shape
+    p = augment.crop_padding if augment is not None else 0
+    d = Draws.take(n, h, w, augment, _generator(seed))
+    out = np.zeros((n, c, h, w), np.uint8)  # (N, C, H, W); zeros: the padding a crop lets in
+    for i in range(n):
+        img = first if i == 0 else _decode(raws[i], channels, ids[i], where)  # (H, W, C)
+        if img.shape != first.shape:
+            raise DataError(
+                f"image of sample id {int(ids[i])} in shard {where} is {img.shape[1]}x{img.shape[0]}x"
+                f"{img.shape[2]}, the others {w}x{h}x{c}: the shard changed after preparing; run "
+                f"`dvc checkout` / `scalelab data prepare` again"
+            )
+        dst = out[i, :, :, ::-1] if d.flip[i] else out[i]
+        oy, ox = p - int(d.dy[i]), p - int(d.dx[i])  # output row r shows image row r - oy
+        r0, r1, c0, c1 = max(0, oy), min(h, h + oy), max(0, ox), min(w, w + ox)
+        dst[:, r0:r1, c0:c1] = img[r0 - oy : r1 - oy, c0 - ox : c1 - ox].transpose(2, 0, 1)
+        if d.erase[i]:
+            out[i, :, d.y0[i] : d.y0[i] + d.eh[i], d.x0[i] : d.x0[i] + d.ew[i]] = 0
+    return out
+
+
+def _decode(raw: bytes, channels: int, sample_id: Any, where: str) -> np.ndarray:
+    try:
+        return decode_image(raw, channels)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise DataError(
+            f"corrupt image (sample id {int(sample_id)}) in shard {where}: {type(exc).__name__}: {exc}. "
+            f"The shard changed after preparing: run `dvc checkout` / `scalelab data prepare` again"
+        ) from exc
+
+
+def normalise_batch(x: torch.Tensor, mean_px: torch.Tensor, std_px: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalised float (B, C, H, W): one conversion, then in place (the same
+    arithmetic as ``normalise_tensor``, without two more temporaries)."""
+    return x.float().sub_(mean_px).div_(std_px)
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def window_columns(
+    source: ShardSource, shards: list[dict[str, Any]], win: Window, columns: list[str]
+) -> tuple[dict[str, Any], str]:
+    """A window's rows of (non-image) ``columns`` in its order, one read per shard, and where from."""
+    by_shard: dict[int, list[int]] = {}
+    for s, g in win.groups:
+        by_shard.setdefault(s, []).append(g)
+    parts = [source.read_columns(shards[s], columns, row_groups=gs) for s, gs in by_shard.items()]
+    cols = {c: np.concatenate([p[c] for p in parts])[win.order] for c in columns}
+    return cols, " or ".join(shards[s]["file"] for s in by_shard)
+
+
+def decode_detection_window(
+    cfg: StreamConfig, win: Window, epoch: int, rank: int, index: int
+) -> dict[str, np.ndarray]:
+    """A detection window: the images exactly as :func:`decode_window` gives a classification
+    window (``y`` is then each image's object count), plus its boxes padded to ``max_boxes`` per
+    image, flipped where the image was flipped."""
+    out = decode_window(replace(cfg, detection=False), win, epoch, rank, index)
+    cols, _ = window_columns(cfg.source, cfg.shards, win, list(BOX_COLUMNS))
+    n, width = len(out["y"]), out["x"].shape[-1]  # x: (N, C, H, W)
+    pad = max(1, cfg.max_boxes)  # never a zero-width tensor column
+    boxes = np.zeros((n, pad, 4), np.float32)
+    labels = np.zeros((n, pad), np.int64)
+    for i, (b, lab) in enumerate(zip(cols["boxes"], cols["box_labels"], strict=True)):
+        boxes[i, : len(lab)] = np.asarray(b, np.float32).reshape(-1, 4)
+        labels[i, : len(lab)] = lab
+    if cfg.augment is not None and cfg.augment.hflip:
+        # hflip is detection's only augmentation, so its draw is the window generator's first (as
+        # in augment_batch): the same seed gives the same flips the images got
+        seed = [cfg.seed, epoch, rank, index, int(win.order[0]) if len(win.order) else 0]
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-        t = augment_batch(t, augment, gen)
-    return normalise_tensor(t, *pixel_scale(mean, std))
+        f = (torch.rand(n, generator=gen) < 0.5).numpy()
+        x1 = boxes[f, :, 0].copy()
+        boxes[f, :, 0] = width - boxes[f, :, 2]  # x2 is exclusive: [x1, x2) mirrors to [W - x2, W - x1)
+        boxes[f, :, 2] = width - x1
+    return {**out, "boxes": boxes, "box_labels": labels}
+
+
+def box_targets(batch: dict[str, Any]) -> BoxTargets:
+    """A detection batch (numpy or torch columns, boxes padded) -> BoxTargets (on the CPU)."""
+    counts = torch.as_tensor(batch["y"]).tolist()
+    boxes, labels = torch.as_tensor(batch["boxes"]), torch.as_tensor(batch["box_labels"])
+    return BoxTargets(
+        [boxes[i, :m] for i, m in enumerate(counts)],
+        [labels[i, :m] for i, m in enumerate(counts)],
+        torch.as_tensor(batch["id"]).cpu(),
+        int(batch["x"].shape[-1]),
+    )
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -213,13 +363,23 @@ class StreamConfig:
     std: list[float]
     augment: AugmentSpec | None = None
     seed: int = 0
+    detection: bool = False  # rows carry boxes: batches add padded "boxes" / "box_labels"
+    max_boxes: int = 0  # the most objects in one image (metadata.json): the padded width
+    object_store_mb: float | None = None  # Ray Data reader: object-store bound (data.stream_object_store_mb)
 
 
 def decode_window(cfg: StreamConfig, win: Window, epoch: int, rank: int, index: int) -> dict[str, np.ndarray]:
-    ids, labels, x = read_window(cfg.source, cfg.shards, win, cfg.channels)
+    """A window read, decoded and augmented: ``x`` pixels (N, C, H, W) in [0, 255], not normalised
+    (uint8; float only after ``augment.rescale``), ``y`` labels, ``id`` sample ids. Blocks stay uint8
+    through Ray's object store (4x smaller than floats); the consumer normalises per batch."""
+    if cfg.detection:
+        return decode_detection_window(cfg, win, epoch, rank, index)
+    ids, labels, raws, where = read_window(cfg.source, cfg.shards, win)
     seed = [cfg.seed, epoch, rank, index, int(win.order[0]) if len(win.order) else 0]
-    t = to_batch(x, cfg.mean, cfg.std, cfg.augment, seed)
-    return {"x": t.numpy(), "y": labels, "id": ids}
+    if cfg.augment is not None and cfg.augment.rescale is not None:
+        x = augment_floats(decode_rows({"id": ids, "image": raws}, cfg.channels, where), cfg.augment, seed)
+        return {"x": x.numpy(), "y": labels, "id": ids}
+    return {"x": decode_augment(raws, ids, cfg.channels, cfg.augment, seed, where), "y": labels, "id": ids}
 
 
 class _StreamLoaderBase:
@@ -240,6 +400,7 @@ class _StreamLoaderBase:
         self.cfg, self.batch_size, self.window = cfg, batch_size, window
         self.rank, self.world_size = rank, world_size
         self.device, self.channels_last = torch.device(device), channels_last
+        self.mean_px, self.std_px = pixel_scale(cfg.mean, cfg.std, device=self.device)
         self.epoch, self.skip = 0, 0
         self.sample_log = sample_log
         self.consumed = 0
@@ -285,9 +446,15 @@ class _StreamLoaderBase:
                     )
                     + "\n"
                 )
+        # pixels travel as uint8 (4x fewer bytes to the device); floats only here, once per batch
+        x = normalise_batch(x.to(self.device, non_blocking=True), self.mean_px, self.std_px)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x, y.to(self.device, non_blocking=True)
+
+    def _targets(self, batch: dict[str, Any]):
+        """Class labels, or BoxTargets for a detection batch."""
+        return box_targets(batch) if self.cfg.detection else torch.as_tensor(batch["y"])
 
     def batches(self, plan: RankPlan) -> Iterator[dict[str, np.ndarray]]:
         raise NotImplementedError
@@ -305,7 +472,7 @@ class _StreamLoaderBase:
                 b = self.batch_size
                 yield self._emit(
                     torch.from_numpy(merged["x"][:b]),
-                    torch.from_numpy(merged["y"][:b]),
+                    self._targets({k: v[:b] for k, v in merged.items()}),
                     merged["id"][:b],
                     position,
                 )
@@ -332,6 +499,10 @@ class RayDataLoader(_StreamLoaderBase):
         plan = self.plan()
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the plan's order is the epoch's order
+        if self.cfg.object_store_mb:  # backpressure: no new decode task while this much is queued
+            ctx.execution_options.resource_limits = ray.data.ExecutionResources(
+                object_store_memory=self.cfg.object_store_mb * 1e6
+            )
         items = [
             {"item": json.dumps({"i": i, "groups": w.groups, "order": w.order.tolist()})}
             for i, w in enumerate(plan.windows)
@@ -343,7 +514,7 @@ class RayDataLoader(_StreamLoaderBase):
         )
         position = plan.start
         for batch in ds.iter_torch_batches(batch_size=self.batch_size, drop_last=False, prefetch_batches=2):
-            yield self._emit(batch["x"], batch["y"], batch["id"].numpy(), position)
+            yield self._emit(batch["x"], self._targets(batch), batch["id"].numpy(), position)
             position += len(batch["y"])
 
 
@@ -376,6 +547,7 @@ class EvalLoader:
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.batch_size, self.device, self.channels_last = batch_size, torch.device(device), channels_last
+        self.mean_px, self.std_px = pixel_scale(cfg.mean, cfg.std, device=self.device)
         groups = row_groups(split.shards, cfg.row_group_rows)
         self.mine = [(s, g) for i, (s, g, _) in enumerate(groups) if i % world_size == rank]
         self.rows = sum(n for i, (_, _, n) in enumerate(groups) if i % world_size == rank)
@@ -388,7 +560,13 @@ class EvalLoader:
             n = row_groups([self.cfg.shards[s]], self.cfg.row_group_rows)[g][2]
             out = decode_window(self.cfg, Window([(s, g)], np.arange(n)), 0, self.rank, 0)
             for b in range(0, n, self.batch_size):
-                x = torch.from_numpy(out["x"][b : b + self.batch_size])
+                x = torch.from_numpy(out["x"][b : b + self.batch_size]).to(self.device)
+                x = normalise_batch(x, self.mean_px, self.std_px)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                yield x.to(self.device), torch.from_numpy(out["y"][b : b + self.batch_size]).to(self.device)
+                y = (
+                    box_targets({k: v[b : b + self.batch_size] for k, v in out.items()})
+                    if self.cfg.detection
+                    else torch.from_numpy(out["y"][b : b + self.batch_size])
+                )
+                yield x, y.to(self.device)

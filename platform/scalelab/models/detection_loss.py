@@ -33,6 +33,15 @@ class BoxTargets:
     def __len__(self) -> int:
         return len(self.boxes)
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> BoxTargets:
+        """The same targets with boxes and labels on ``device`` (image ids stay on the CPU)."""
+        return BoxTargets(
+            [b.to(device, non_blocking=non_blocking) for b in self.boxes],
+            [lab.to(device, non_blocking=non_blocking) for lab in self.labels],
+            self.image_ids,
+            self.image_size,
+        )
+
 
 def encode_targets(
     targets: BoxTargets, num_classes: int, h: int, w: int, stride: int

@@ -22,6 +22,16 @@ from scalelab.errors import ConfigError
 from scalelab.models.detection_loss import BoxTargets
 
 
+def detection_augment(augment: AugmentSpec | None) -> AugmentSpec | None:
+    """The recipe's augmentation, refused unless detection-safe (boxes move with flips only)."""
+    if augment is not None and (augment.crop_padding or augment.random_erasing or augment.rescale):
+        raise ConfigError(
+            "detection supports only data.augment.hflip; crop_padding, random_erasing and rescale "
+            "would move or hide objects without moving their boxes: set them to 0 / null"
+        )
+    return augment
+
+
 class DetectionLoader(TensorLoader):
     """TensorLoader whose batches are ``(x, BoxTargets)``; horizontal flips move the boxes too."""
 
@@ -30,11 +40,7 @@ class DetectionLoader(TensorLoader):
             raise ConfigError(
                 "model.task is 'detection' but the dataset has no boxes; use data.kind scenes or coco"
             )
-        if augment is not None and (augment.crop_padding or augment.random_erasing or augment.rescale):
-            raise ConfigError(
-                "detection supports only data.augment.hflip; crop_padding, random_erasing and rescale "
-                "would move or hide objects without moving their boxes: set them to 0 / null"
-            )
+        augment = detection_augment(augment)
         self.flip = bool(augment is not None and augment.hflip and kw.get("shuffle"))
         super().__init__(split, batch_size, mean, std, augment=None, **kw)
         self.y = torch.arange(len(split))  # the parent yields image indices; boxes are looked up

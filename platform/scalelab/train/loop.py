@@ -32,7 +32,7 @@ from scalelab.models.detection_loss import detection_loss
 from scalelab.models.factory import build_model, count_params
 from scalelab.models.resnet import classification_loss
 from scalelab.train.checkpoint import read_position, restore_training_checkpoint, save_training_checkpoint
-from scalelab.train.detection import DetectionLoader
+from scalelab.train.detection import DetectionLoader, detection_augment
 from scalelab.train.progress import EpochProgress
 from scalelab.train.runtime import RssWatch, seed_everything, select_runtime, set_threads
 
@@ -310,9 +310,16 @@ def stream_loaders(
     from scalelab.config.settings import runtime_settings
     from scalelab.data.stream import EvalLoader, PlanLoader, RayDataLoader, StreamConfig
 
-    if spec.model.task != "classification":
-        raise ConfigError("data.format=stream supports classification only for now; set data.format=memory")
     d = spec.data
+    detection = spec.model.task == "detection"
+    if detection != (data.task == "detection"):
+        raise ConfigError(
+            f"model.task is {spec.model.task!r} but the streamed dataset {data.name!r} is {data.task}: "
+            f"use a {spec.model.task} dataset (detection: data.kind scenes or coco)"
+        )
+    augment = allowed_augment(d.augment, data.hflip_ok)
+    if detection:
+        augment = detection_augment(augment)
 
     source = replace(data.source, retry_s=d.read_retry_s)
 
@@ -326,12 +333,15 @@ def stream_loaders(
             data.std,
             augment,
             spec.train.seed,
+            object_store_mb=d.stream_object_store_mb,
+            detection=detection,
+            max_boxes=int(data.meta.get("max_boxes", 0)),
         )
 
     where = dict(device=runtime.device, channels_last=runtime.channels_last)
     Train = RayDataLoader if getattr(data, "reader", "local") == "ray" else PlanLoader  # noqa: N806
     train = Train(
-        config("train", allowed_augment(d.augment, data.hflip_ok)),
+        config("train", augment),
         micro,
         window=d.shuffle_window,
         rank=rank,
@@ -401,6 +411,7 @@ def train_one_epoch(
         progress.start(epoch + 1, t.epochs, len(loader) - skip // max(1, loader.batch_size))
     start = time.perf_counter()
     memory = RssWatch()
+    steady_from: tuple[float, int] | None = None
     warm_at = max(0, len(loader) - skip // max(1, loader.batch_size)) // 20  # after 5% of the epoch
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
@@ -416,13 +427,14 @@ def train_one_epoch(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
-        if i == warm_at:
-            memory.warm()
         consumed += len(y)
         loss_sum += loss.detach() * len(y)
         if not detection:
             correct += (outputs[0].detach().argmax(1) == y).sum()
         seen += len(y)
+        if i == warm_at:
+            memory.warm()
+            steady_from = (time.perf_counter(), seen)  # start-up (a loader's first batches) left out
         if progress is not None:
             progress.advance(len(y) * world_size)
         end = consumed >= len(loader) * loader.batch_size
@@ -433,13 +445,19 @@ def train_one_epoch(
         progress.finish()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    stop = time.perf_counter()
+    elapsed = stop - start
+    steady = {}
+    if steady_from is not None and seen > steady_from[1]:
+        rate = (seen - steady_from[1]) * world_size / max(stop - steady_from[0], 1e-9)
+        steady["steady_images_per_s"] = rate
     return {
         "train_loss": loss_sum.item() / max(1, seen),
         **({} if detection else {"train_acc": correct.item() / max(1, seen)}),
         "lr": optimizer.param_groups[0]["lr"],
         "epoch_seconds": elapsed,
         "images_per_s": seen * world_size / max(elapsed, 1e-9),
+        **steady,  # after the first 5% of the steps, to the end
         **memory.metrics(),
     }
 

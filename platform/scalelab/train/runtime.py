@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import time
+import weakref
 
 import numpy as np
 import torch
@@ -53,13 +56,26 @@ def _status_mb(field: str) -> float | None:
 class RssWatch:
     """This process's resident memory over an epoch: ``warm()`` once the first 5% of the epoch's
     steps ran (the model, optimiser state, torch's lazy kernels and the loader's buffers are
-    resident by then) starts a fresh peak; ``metrics()`` gives that peak (``peak_rss_mb``) and how
-    far it rose above the warm level (``rss_growth_mb``): what the rest of the epoch added at most
-    (a loader that kept what it read would add the dataset). Linux only (the peak is reset through
-    ``/proc/self/clear_refs``); elsewhere it reports nothing."""
+    resident by then) starts a fresh peak; ``metrics()`` ends the watch and gives:
 
-    def __init__(self) -> None:
+    - ``peak_rss_mb`` / ``rss_growth_mb``: the resident set's peak (the kernel's VmHWM, reset at
+      warm-up through ``/proc/self/clear_refs``) and how far it rose above the warm level. It counts
+      shared pages too: Ray's object store maps blocks into their readers zero-copy.
+    - ``peak_rss_anon_mb`` / ``rss_anon_growth_mb`` (``rss_anon_warm_mb``): private memory
+      (``RssAnon``) at its peak and how far it rose above the warm level: what the rest of the
+      epoch added to this process (a loader that kept what it read would add the dataset). The
+      kernel keeps no peak of it, so a thread samples it every ``interval_s`` (and at the end).
+    - ``peak_rss_shmem_mb``: shared pages (``RssShmem``) at their sampled peak.
+    - ``rss_anon_mb`` / ``rss_shmem_mb``: both at the epoch's end.
+
+    Linux only; elsewhere it reports nothing."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
         self.level: float | None = None
+        self.interval_s = interval_s
+        self.anon_warm: float | None = None
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
 
     def warm(self) -> None:
         self.level = _status_mb("VmRSS")
@@ -68,16 +84,43 @@ class RssWatch:
                 f.write("5")  # VmHWM := VmRSS
         except OSError:
             self.level = None
+            return
+        self.anon_warm = _status_mb("RssAnon")
+        self._sample()
+        # the thread holds the watch weakly: an epoch that raises leaves no sampler behind
+        threading.Thread(target=_sample_until_stopped, args=(weakref.ref(self),), daemon=True).start()
+
+    def _sample(self) -> None:
+        for field in ("RssAnon", "RssShmem"):
+            value = _status_mb(field)
+            if value is not None and value > self.peaks.get(field, -1.0):
+                self.peaks[field] = value
 
     def metrics(self) -> dict[str, float]:
+        self._stop.set()
         peak = _status_mb("VmHWM")
         if self.level is None or peak is None:
             return {}
+        self._sample()
         out = {"peak_rss_mb": peak, "rss_growth_mb": max(0.0, peak - self.level)}
-        # what is resident at the epoch's end, split: private memory vs shared pages (Ray's object
-        # store maps blocks into readers zero-copy, and those pages count in VmRSS too)
+        if "RssAnon" in self.peaks and self.anon_warm is not None:
+            out.update(
+                peak_rss_anon_mb=self.peaks["RssAnon"],
+                rss_anon_warm_mb=self.anon_warm,
+                rss_anon_growth_mb=max(0.0, self.peaks["RssAnon"] - self.anon_warm),
+            )
+        if "RssShmem" in self.peaks:
+            out["peak_rss_shmem_mb"] = self.peaks["RssShmem"]
         for field, key in (("RssAnon", "rss_anon_mb"), ("RssShmem", "rss_shmem_mb")):
             value = _status_mb(field)
             if value is not None:
                 out[key] = value
         return out
+
+
+def _sample_until_stopped(ref: weakref.ref) -> None:
+    while (watch := ref()) is not None and not watch._stop.is_set():
+        watch._sample()
+        interval = watch.interval_s
+        del watch
+        time.sleep(interval)

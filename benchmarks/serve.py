@@ -187,7 +187,7 @@ def slow_body_flood(url: str, body_file: Path, duration: float, n: int = 100) ->
     }
 
 
-def serve_variant(bundle: Path, port: int, batching: bool, app: str, max_batch_size: int = 32) -> str:
+def serve_variant(bundle: Path, port: int, batching: bool, app: str, max_batch_size: int = 16) -> str:
     from ray import serve
 
     from scalelab.config.specs import ServeSpec

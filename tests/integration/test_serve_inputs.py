@@ -129,8 +129,20 @@ def test_every_input_form_answers_like_base64_json(app_url):
             ),
             "pixel arrays in JSON": post(json={"images": [a[..., 0].tolist() for a in x]}),
         }
+        # no query string: the Guard's hot path (serve/app.py), past FastAPI; the same answers
+        hot = lambda **kw: http.post(f"{url}/v1/predict", **kw)  # noqa: E731
+        forms |= {
+            "hot path: base64 JSON": hot(json={"images": [b64(encode(a)) for a in x], "top_k": 10}),
+            "hot path: pixel arrays": hot(json={"images": [a[..., 0].tolist() for a in x], "top_k": "10"}),
+        }
         for form, r in forms.items():
             np.testing.assert_allclose(_answers(r), reference, atol=1e-5, err_msg=form)
+        npy_kw = {"content": npy(x), "headers": {"content-type": "application/x-npy; v=1"}}
+        five = http.post(f"{url}/v1/predict?top_k=5", **npy_kw)  # the server's default top_k
+        np.testing.assert_allclose(_answers(hot(**npy_kw)), _answers(five), atol=1e-5, err_msg="hot npy")
+        assert hot(json={"images": []}).json() == post(json={"images": []}).json()  # the same 422
+        r = hot(content=b'{"images": [', headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"].startswith("body is not valid JSON")
         for i in range(4):  # one image file per request body, each content type
             for ctype, fmt, kw in (
                 ("image/png", "PNG", {}),

@@ -209,3 +209,183 @@ def test_guard_answers_408_to_a_trickling_body_and_passes_a_whole_one(monkeypatc
 
     asyncio.run(served.Guard(app)(scope, in_two_parts, send))
     assert seen == [b'{"images": []}']
+
+
+# ---- the hot path of POST /v1/predict (serve/app.py): the same answers as the FastAPI route's
+
+
+JSON_BODIES = [
+    b'{"images": ["aGk=", "aGk="], "top_k": 3}',
+    b'{"images": ["aGk="], "top_k": null, "extra": 1}',
+    b'{"images": ["a"], "images": ["b"]}',  # duplicate key: the last one, as json
+    b'{"images": [[[0, 255], [255, 0]], "aGk="]}',
+    b'{"images": ["x"], "top_k": NaN}',  # json accepts NaN, orjson does not
+    '{"images": ["x"]}'.encode("utf-16"),  # json reads UTF-16, orjson does not
+    b'{"images": ["\\ud800"]}',  # a lone surrogate
+    b'{"images": [], "top_k": 123456789012345678901234567890}',  # past 64 bits
+    b"[1, 2]",
+    b'"images"',
+]
+BAD_JSON = [b'{"images": [', b"\xff\xfe\x00{", b"[" * 100_000, b'{"images": ["a"]} x', b"1" * 5000]
+
+
+@pytest.mark.parametrize("body", JSON_BODIES)
+def test_predict_json_reads_what_the_standard_parser_and_the_model_read(body):
+    """orjson decides only the common shape; NaN, UTF-16, lone surrogates and integers past 64 bits
+    (which orjson reads as floats) give the old path's values or its 422."""
+    import json
+
+    from scalelab.serve.app import PredictRequest, read_predict_json
+
+    try:
+        req = PredictRequest.model_validate(json.loads(body))
+        want = (req.images, req.top_k)
+    except ValueError:  # pydantic's ValidationError
+        want = None
+    if want is None:
+        with pytest.raises(BadInput) as exc:
+            read_predict_json(body)
+        assert exc.value.status == 422 and exc.value.message.startswith("invalid request: ")
+    else:
+        got = read_predict_json(body)
+        assert got == want and type(got[1]) is type(want[1])
+
+
+@pytest.mark.parametrize("body", BAD_JSON)
+def test_predict_json_refuses_bad_json_with_the_standard_parsers_reason(body):
+    import json
+
+    from scalelab.serve.app import JSON_HINT, read_predict_json
+
+    with pytest.raises(BadInput) as exc:
+        read_predict_json(body)
+    assert exc.value.status == 422 and exc.value.message.endswith(JSON_HINT)
+    try:
+        json.loads(body)
+    except (ValueError, RecursionError) as err:
+        reason = getattr(err, "msg", None) or getattr(err, "reason", None) or str(err)[:40]
+        reason = "nested too deeply" if isinstance(err, RecursionError) else reason
+        assert str(reason) in exc.value.message
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"images": ["a", "b"]},
+        {"images": ["a"], "top_k": 5, "other": [1]},
+        {"images": [], "top_k": None},
+        {"images": ["a"], "top_k": 1000},
+        {"images": [[[1]], "a"]},
+        {"images": ["a"], "top_k": "3"},  # lax pydantic: "3" -> 3
+        {"images": ["a"], "top_k": 2.0},
+        {"images": ["a"], "top_k": True},
+        {"images": ["a"], "top_k": 0},
+        {"images": ["a"], "top_k": 10**9},
+        {"images": ["a"], "top_k": 10**30},
+        {"images": ["a"], "top_k": 2.5},
+        {"images": "a"},
+        {"images": [1]},
+        {"top_k": 3},
+        [["a"]],
+        None,
+    ],
+)
+def test_predict_json_fast_check_agrees_with_the_pydantic_model(obj):
+    import json
+
+    from pydantic import ValidationError
+
+    from scalelab.serve.app import PredictRequest, read_predict_json
+
+    try:
+        req = PredictRequest.model_validate(obj)
+        want = (req.images, req.top_k)
+    except ValidationError as err:
+        want = err
+    if isinstance(want, ValidationError):
+        with pytest.raises(BadInput) as exc:
+            read_predict_json(json.dumps(obj).encode())
+        assert exc.value.status == 422 and exc.value.message.startswith("invalid request: ")
+        assert want.errors()[0]["msg"] in exc.value.message
+    else:
+        got = read_predict_json(json.dumps(obj).encode())
+        assert got == want and type(got[1]) is type(want[1])
+
+
+def test_json_response_is_the_json_of_fastapis_response():
+    import json
+
+    from fastapi.responses import JSONResponse
+
+    from scalelab.serve.app import json_response
+
+    content = {
+        "model": {"name": "m", "version": "3"},
+        "predictions": [[{"class": "é", "index": 1, "probability": p} for p in (1e-06, 0.123456, 1.0, 0.0)]],
+    }
+    fast, slow = json_response(content), JSONResponse(content)
+    assert json.loads(fast.body) == json.loads(slow.body) == content
+    assert fast.status_code == 200 and fast.headers["content-type"] == slow.headers["content-type"]
+
+
+@pytest.mark.parametrize(
+    "method, path, root, query, ctype, hot",
+    [
+        ("POST", "/v1/predict", "", b"", "application/json", True),
+        ("POST", "/digits/v1/predict", "/digits", b"", "image/png", True),
+        ("POST", "/v1/predict", "", b"", "", True),
+        ("POST", "/v1/predict", "", b"top_k=3", "application/json", False),  # FastAPI validates it
+        ("POST", "/v1/predict", "", b"", "multipart/form-data; boundary=x", False),
+        ("POST", "/v1/predict/file", "", b"", "multipart/form-data; boundary=x", False),
+        ("GET", "/v1/predict", "", b"", "", False),
+        ("POST", "/v1/model", "", b"", "application/json", False),
+    ],
+)
+def test_guard_answers_only_plain_predict_posts_itself(monkeypatch, method, path, root, query, ctype, hot):
+    """The Guard hands a whole, authorised POST /v1/predict body to the replica's hot path; every
+    other request (query parameters, multipart, other routes) goes through FastAPI as before."""
+    import asyncio
+
+    from scalelab.serve import app as served
+
+    calls: list[tuple] = []
+
+    class Server:
+        async def answer_predict(self, scope, content_type, body, send):
+            calls.append(("hot", content_type, body))
+
+    async def fastapi_app(scope, receive, send):
+        calls.append(("fastapi", (await receive())["body"]))
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        raise AssertionError("the stand-ins answer nothing")
+
+    monkeypatch.setattr(served._Limits, "server", Server())
+    headers = [(b"content-type", ctype.encode())] if ctype else []
+    scope = {"type": "http", "method": method, "path": path, "root_path": root, "query_string": query}
+    asyncio.run(served.Guard(fastapi_app)({**scope, "headers": headers}, receive, send))
+    assert calls == ([("hot", ctype, b"{}")] if hot else [("fastapi", b"{}")])
+
+
+def test_top_k_is_the_same_as_per_element_numpy():
+    """``Predictor.top_k`` converts whole arrays to Python numbers; the answer is the old per-element one."""
+    from types import SimpleNamespace
+
+    from scalelab.artifacts.predictor import Predictor
+
+    rng = np.random.default_rng(0)
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(7, 10)).astype(np.float32)), 1).numpy()
+    probs[0, :3] = probs[0, 3]  # ties keep argsort's order
+    fake = SimpleNamespace(classes=tuple(f"c{i}" for i in range(10)))
+    for k in (1, 5, 10, 50):
+        got = Predictor.top_k(fake, probs, k)
+        order = np.argsort(-probs, axis=1)[:, : min(k, 10)]
+        want = [
+            [{"class": fake.classes[j], "index": int(j), "probability": round(float(p[j]), 6)} for j in row]
+            for p, row in zip(probs, order, strict=True)
+        ]
+        assert got == want
+        assert all(type(c["index"]) is int and type(c["probability"]) is float for r in got for c in r)

@@ -81,10 +81,11 @@ class Predictor:
 
     def top_k(self, probs: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
         k = min(k, probs.shape[1])
-        order = np.argsort(-probs, axis=1)[:, :k]
+        order = np.argsort(-probs, axis=1)[:, :k].tolist()
+        # Python floats and ints once per array (float32 -> float is exact), not per element
         return [
-            [{"class": self.classes[j], "index": int(j), "probability": round(float(p[j]), 6)} for j in row]
-            for p, row in zip(probs, order, strict=True)
+            [{"class": self.classes[j], "index": j, "probability": round(p[j], 6)} for j in row]
+            for p, row in zip(probs.tolist(), order, strict=True)
         ]
 
 

@@ -440,7 +440,13 @@ class ServeSpec(_Spec):
     batching: bool = Field(
         True, description="Dynamic batching with @serve.batch; false runs each request on its own."
     )
-    max_batch_size: int = Field(32, ge=1, description="Dynamic batching: largest batch.")
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Dynamic batching: largest batch. 16 is the cheapest per image on a CPU replica here "
+        "(Fashion-MNIST msresnet_m, one thread: 5.1 ms CPU per image at 16, 6.3 at 32, 5.9 at 8) and keeps "
+        "two batches in flight at 32 concurrent clients; GPU replicas want larger ones.",
+    )
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="Dynamic batching: wait for more.")
     max_ongoing_requests: int = Field(
         256,

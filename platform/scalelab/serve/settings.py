@@ -23,7 +23,7 @@ class ReplicaConfig(BaseModel):
     tracking_uri: str | None = Field(None, description="MLflow URI of the registry.")
     poll_interval_s: float = Field(5.0, gt=0, description="How often the alias is polled.")
     batching: bool = Field(True, description="Dynamic batching on (@serve.batch) or off.")
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_body_bytes: int = Field(8_000_000, ge=1024)
     body_timeout_s: float = Field(30.0, gt=0)

@@ -1,6 +1,7 @@
 """Low-resolution robustness: multi-scale vs scales=1 at matched parameters (and matched FLOPs).
 
-    nice -n 10 .venv/bin/python benchmarks/lowres.py [--train-subset N] [--epochs E] [--seeds 0 1 2]
+    nice -n 10 .venv/bin/python benchmarks/lowres.py [--train-subset N] [--epochs E] [--seeds 0 1 2] \
+        [--batch-size B --lr LR] [--multiscale-overrides split_dilation=true head=weighted]
     # writes benchmarks/results/lowres.json (rewritten after every training, so a cut run keeps
     # what it finished; every training is also a line of lowres_runs.jsonl, so seeds can run as
     # separate processes side by side: each rewrites the summary from all lines of the same setup)
@@ -10,10 +11,15 @@ set. Every model trains with the same recipe (``pipelines/fashion-mnist.yaml``: 
 label smoothing, crop-pad 2 + hflip + erasing 0.1) on the same seeded subset of the training split
 for the same epochs, on one thread, side by side in one run:
 
-- ``multiscale``: ``msresnet_tiny`` (Res2Net scales=4, mean-logit head);
-- ``baseline``: the same recipe with scales=1, stage widths matched to its parameter count
-  (``scalelab.tune.match``, the search's ``search.match: params``);
+- ``multiscale``: ``msresnet_tiny`` (Res2Net scales=4, mean-logit head), plus any
+  ``--multiscale-overrides`` (ModelSpec fields, e.g. ``split_dilation=true head=weighted``);
+- ``baseline``: the same model with scales=1 (and the same overrides, except those that exist only
+  for scales > 1: ``split_dilation``), stage widths matched to the multi-scale model's parameter
+  count (``scalelab.tune.match``, the search's ``search.match: params``);
 - ``baseline_flops``: scales=1 matched to its forward FLOPs instead.
+
+Every run records its wall seconds (``wall_s``): on a shared machine those say what the run cost
+then, not how fast the model is.
 
 Each trains twice: at native resolution, and with mixed-resolution training
 (``data.augment.rescale: [0.5, 1.0]``, the ``_mixedtrain`` keys). Each is tested at scales
@@ -44,20 +50,38 @@ MIXED = (0.5, 1.0)
 MULTISCALE = "msresnet_tiny"
 
 
-def model_specs(match_flops: bool) -> dict[str, dict]:
+MULTISCALE_ONLY = {"split_dilation"}  # keys that change nothing with scales=1
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["split_dilation=true", "head=weighted"]`` -> ModelSpec fields (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--multiscale-overrides takes KEY=VALUE items, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def model_specs(match_flops: bool, overrides: dict | None = None) -> dict[str, dict]:
     """Model overrides per benchmark model: the multi-scale variant and its matched scales=1 partners."""
     from scalelab.config.specs import ModelSpec
     from scalelab.tune.match import cost_function, match_widths
 
-    base = ModelSpec(variant=MULTISCALE)
-    plain = base.model_copy(update={"scales": 1})
-    models = {"multiscale": {"variant": MULTISCALE}}
+    overrides = dict(overrides or {})
+    shared = {k: v for k, v in overrides.items() if k not in MULTISCALE_ONLY}
+    base = ModelSpec(variant=MULTISCALE, **overrides)
+    plain = ModelSpec(variant=MULTISCALE, **shared, scales=1)
+    models = {"multiscale": {"variant": MULTISCALE, **overrides}}
     kinds = ["params", "flops"] if match_flops else ["params"]
     for kind in kinds:
         cost = cost_function(kind, 1, 10, 28)
         matched = match_widths(plain, cost(base), cost)
         name = "baseline" if kind == "params" else "baseline_flops"
-        models[name] = {"variant": MULTISCALE, "scales": 1, "widths": matched.widths}
+        models[name] = {"variant": MULTISCALE, **shared, "scales": 1, "widths": matched.widths}
     return models
 
 
@@ -80,7 +104,7 @@ def load_data(train_subset: int, test_subset: int, data_dir: Path):
     return data
 
 
-def train_one(model: dict, seed: int, epochs: int, mixed: bool, data, workdir: Path):
+def train_one(model: dict, seed: int, epochs: int, mixed: bool, data, workdir: Path, train: dict):
     from scalelab.config import load_recipe
     from scalelab.train.loop import fit
 
@@ -93,6 +117,7 @@ def train_one(model: dict, seed: int, epochs: int, mixed: bool, data, workdir: P
         "train.workers": 0,
         "train.output_dir": str(workdir / "outputs"),
         "train.storage_path": str(workdir / "runs"),
+        **{f"train.{k}": v for k, v in train.items() if v is not None},
     }
     if mixed:
         overrides["data.augment.rescale"] = list(MIXED)
@@ -122,7 +147,7 @@ def accuracy_at_scales(model, data) -> dict[float, float]:
     return out
 
 
-def summarise(runs: list[dict], models: dict, costs: dict, args, started: float) -> dict:
+def summarise(runs: list[dict], models: dict, costs: dict, args, started: float | None) -> dict:
     figures: dict = {
         "dataset": "fashion-mnist (official test set)",
         "train_subset": args.train_subset,
@@ -133,6 +158,9 @@ def summarise(runs: list[dict], models: dict, costs: dict, args, started: float)
         "mixedtrain_rescale": list(MIXED),
         "test_rescale": "s<1: area-downsample by s, bilinear back to 28 px; s>1: bilinear up, centre crop",
         "recipe": "pipelines/fashion-mnist.yaml (threads 1, in-process)",
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "multiscale_overrides": parse_overrides(args.multiscale_overrides),
     }
     for name, model in models.items():
         figures[f"params_{name}"] = costs[name]["params"]
@@ -149,14 +177,25 @@ def summarise(runs: list[dict], models: dict, costs: dict, args, started: float)
                 figures[key] = round(statistics.fmean(accs), 4)
                 figures[key + "_std"] = round(statistics.pstdev(accs), 4)
                 figures[key + "_per_seed"] = accs
+            walls = [r["wall_s"] for r in mine if "wall_s" in r]
+            if walls:
+                figures[f"wall_s_{name}{tag}_per_seed"] = walls
     for tag in ("", "_mixedtrain"):
         ms, base = figures.get(f"acc_multiscale_s0.5{tag}"), figures.get(f"acc_baseline_s0.5{tag}")
         if ms is not None and base is not None:
             std = max(figures[f"acc_multiscale_s0.5{tag}_std"], figures[f"acc_baseline_s0.5{tag}_std"])
-            figures[f"multiscale_beats_baseline_s0.5{tag}"] = bool(ms - base > std)
+            n = min(len(figures[f"acc_{m}_s0.5{tag}_per_seed"]) for m in ("multiscale", "baseline"))
+            # one seed has no std to beat: no verdict
+            figures[f"multiscale_beats_baseline_s0.5{tag}"] = bool(ms - base > std) if n > 1 else None
     figures["runs_done"] = len(runs)
-    figures["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
-    figures["note"] = "2-core machine shared with other jobs while measured: accuracies only, no timings"
+    if started is not None:  # a rewrite from the log (--summarise-only) has no run of its own
+        figures["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
+    figures["note"] = (
+        "2-core machine shared with other jobs while measured: accuracies are valid, the wall times "
+        "(wall_s_*, wall_minutes) only say what the runs cost then, not how fast the models are"
+    )
+    if args.note:
+        figures["budget_note"] = args.note
     return figures
 
 
@@ -169,12 +208,41 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-flops-partner", action="store_true", help="skip the matched-FLOPs baseline")
     parser.add_argument("--name", default="lowres", help="results file name (benchmarks/results/NAME.json)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="train.batch_size (default: the recipe's)"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="train.lr (default: the recipe's)")
+    parser.add_argument(
+        "--multiscale-overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ModelSpec fields for the multi-scale model; its partners get the same, except "
+        f"{sorted(MULTISCALE_ONLY)} (no meaning at scales=1), then are width-matched",
+    )
+    parser.add_argument("--note", default=None, help="a note on the budget, kept in the summary")
+    parser.add_argument(
+        "--summarise-only",
+        action="store_true",
+        help="train nothing: rewrite the summary from this setup's lines in NAME_runs.jsonl",
+    )
+    parser.add_argument(
+        "--training",
+        choices=["both", "native", "mixed"],
+        default="both",
+        help="native, mixed-resolution, or both trainings (lanes of one setup can split them)",
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="train only these (multiscale, baseline, baseline_flops)"
+    )
     args = parser.parse_args()
 
     from scalelab.models.factory import count_flops, count_params, create_model
 
     started = time.perf_counter()
-    models = model_specs(not args.no_flops_partner)
+    models = model_specs(not args.no_flops_partner, parse_overrides(args.multiscale_overrides))
+    if args.models:
+        models = {k: v for k, v in models.items() if k in args.models}
     costs = {}
     for name, model in models.items():
         net = create_model(model["variant"], 1, 10, 28, **{k: v for k, v in model.items() if k != "variant"})
@@ -183,27 +251,41 @@ def main() -> None:
             f"{name}: {model} {costs[name]['params']:,} params {costs[name]['flops'] / 1e6:.2f} MFLOPs",
             flush=True,
         )
-    setup = {"train_subset": args.train_subset, "epochs": args.epochs, "test_subset": args.test_subset}
+    setup = {
+        "train_subset": args.train_subset,
+        "epochs": args.epochs,
+        "test_subset": args.test_subset,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "multiscale_overrides": parse_overrides(args.multiscale_overrides),
+    }
+    train = {"batch_size": args.batch_size, "lr": args.lr}
     log = RESULTS / f"{args.name}_runs.jsonl"
+    if args.summarise_only:
+        runs = [r for r in map(json.loads, log.read_text().splitlines()) if _same(r, setup)]
+        write_atomic(args.name, summarise(runs, models, costs, args, None))
+        return
     with tempfile.TemporaryDirectory(prefix="lowres-") as tmp:
         data = load_data(args.train_subset, args.test_subset, args.data_dir or Path(tmp) / "data")
         # seeds outermost: a run cut short still has every model at the same seeds
         for seed in args.seeds:
-            for mixed in (False, True):
+            for mixed in {"both": (False, True), "native": (False,), "mixed": (True,)}[args.training]:
                 for name, model in models.items():
                     t0 = time.perf_counter()
-                    net = train_one(model, seed, args.epochs, mixed, data, Path(tmp))
+                    net = train_one(model, seed, args.epochs, mixed, data, Path(tmp), train)
                     acc = accuracy_at_scales(net, data)
+                    wall = round(time.perf_counter() - t0, 1)
                     run = {
                         "model": name,
                         "mixed": mixed,
                         "seed": seed,
                         "acc": {str(k): v for k, v in acc.items()},
+                        "wall_s": wall,
                     }
                     print(
                         f"seed {seed} {name:<15} {'mixed ' if mixed else 'native'} "
                         + " ".join(f"s{s}={a:.4f}" for s, a in acc.items())
-                        + f" ({time.perf_counter() - t0:.0f}s)",
+                        + f" ({wall:.0f}s)",
                         flush=True,
                     )
                     with log.open("a") as fh:

@@ -111,3 +111,83 @@ def test_test_time_flip_survives_torch_export_with_dynamic_batch():
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(prog.module()(x), model(x), atol=1e-5)
+
+
+def test_split_dilation_grows_along_the_chain_at_equal_cost():
+    plain = create_model("msresnet_tiny")
+    dilated = create_model("msresnet_tiny", split_dilation=True)
+    block = dilated.stages[2][0]
+    assert [c.dilation for c in block.convs] == [(1, 1), (2, 2), (3, 3)]
+    assert [c.padding for c in block.convs] == [(1, 1), (2, 2), (3, 3)]
+    assert count_params(dilated) == count_params(plain)
+    assert count_flops(dilated, 1, 28) == count_flops(plain, 1, 28)  # same multiply-adds, wider view
+    listed = create_model("msresnet_tiny", split_dilation=[1, 3], kernel_sizes=[3, 5])
+    assert [c.dilation[0] for c in listed.stages[0][0].convs] == [1, 3, 1]
+    one = create_model("msresnet_tiny", scales=1, split_dilation=True, widths=[32, 64, 128])
+    assert one.stages[0][0].convs[0].dilation == (1, 1)  # a single split is never dilated
+    x = torch.randn(2, 1, 28, 28)
+    logits, aux = dilated(x, with_aux=True)
+    assert logits.shape == (2, 10)
+    (logits.sum() + sum(a.sum() for a in aux)).backward()
+    assert all(p.grad is not None for p in dilated.parameters())
+    with pytest.raises(ValueError, match="split_dilation"):
+        ModelSpec(variant="msresnet_tiny", split_dilation=[0])
+
+
+def test_weighted_head_learns_softmax_fusion_with_aux_losses():
+    from scalelab.models import classification_loss
+
+    torch.manual_seed(0)
+    model = create_model("msresnet_tiny", head="weighted", head_stages=[0, 1, 2])
+    mean = create_model("msresnet_tiny", head="mean_logits", head_stages=[0, 1, 2])
+    assert count_params(model) == count_params(mean) + 3  # one fusion weight per head stage
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    logits, aux = model(x, with_aux=True)
+    assert len(aux) == 3
+    assert torch.allclose(logits, torch.stack(aux).mean(0), atol=1e-6)  # zero weights: the mean
+    with torch.no_grad():
+        model.head.fusion_logits.copy_(torch.tensor([0.0, 0.0, 20.0]))
+    logits, aux = model(x, with_aux=True)
+    assert torch.allclose(logits, aux[2], atol=1e-4)  # a dominant weight selects its stage
+    classification_loss((logits, aux), y, aux_weight=0.3).backward()
+    assert model.head.fusion_logits.grad is not None and model.head.side[0].weight.grad.abs().sum() > 0
+
+
+def test_pyramid_stem_adds_a_half_size_branch():
+    plain = create_model("msresnet_tiny", image_size=28)
+    pyr = create_model("msresnet_tiny", image_size=28, pyramid_stem=True)
+    width = pyr.spec.stem_width
+    assert count_params(pyr) == count_params(plain) + 9 * width + 2 * width  # 3x3 conv + BN
+    assert count_flops(pyr, 1, 28) > count_flops(plain, 1, 28)
+    for size, stem in [(28, "small"), (27, "small"), (64, "large")]:
+        model = create_model("msresnet_tiny", image_size=size, stem=stem, pyramid_stem=True)
+        x = torch.randn(2, 1, size, size, requires_grad=True)
+        logits = model(x)
+        assert logits.shape == (2, 10)
+        logits.sum().backward()
+        assert model.stem.coarse[0].weight.grad.abs().sum() > 0
+
+
+def test_new_architecture_keys_survive_a_bundle_round_trip(tmp_path):
+    from scalelab.artifacts.bundle import load_model_bundle, save_model_bundle
+
+    torch.manual_seed(0)
+    model = create_model(
+        "msresnet_tiny", image_size=28, split_dilation=True, head="weighted", pyramid_stem=True
+    ).eval()
+    with torch.no_grad():
+        model.head.fusion_logits.copy_(torch.tensor([0.3, -0.2]))
+    meta = {"channels": 1, "num_classes": 10, "image_size": 28}
+    loaded, _ = load_model_bundle(save_model_bundle(model, tmp_path / "bundle", meta))
+    spec = loaded.spec
+    assert (spec.split_dilation, spec.head, spec.pyramid_stem) == (True, "weighted", True)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), model(x), atol=1e-5)
+
+
+def test_new_keys_default_to_the_old_model():
+    spec = ModelSpec(variant="msresnet_tiny")
+    assert (spec.split_dilation, spec.pyramid_stem, spec.head) == (False, False, "mean_logits")
+    old = {k: v for k, v in spec.model_dump().items() if k not in ("split_dilation", "pyramid_stem")}
+    assert ModelSpec.model_validate(old) == spec  # a bundle written before these keys loads as before

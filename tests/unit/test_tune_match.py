@@ -131,3 +131,16 @@ def test_rescale_keeps_size_and_changes_resolution():
     assert torch.allclose(out, half)
     with pytest.raises(ValueError, match="rescale must be"):
         AugmentSpec(rescale=[1.0, 0.5])
+
+
+def test_matching_counts_the_new_architecture_keys():
+    # the pyramid stem and the weighted head cost parameters; a partner that has them is matched with them
+    keys = {"head": "weighted", "pyramid_stem": True}
+    multi = ModelSpec(variant="msresnet_tiny", split_dilation=True, **keys)
+    cost = cost_function("params", 1, 10, 8)
+    target = cost(multi)
+    assert target == cost(ModelSpec(variant="msresnet_tiny")) + 2 + 11 * multi.stem_width
+    found = match_widths(ModelSpec(variant="msresnet_tiny", scales=1, **keys), target, cost)
+    assert found.ok and found.cost == cost(
+        ModelSpec(variant="msresnet_tiny", scales=1, widths=found.widths, **keys)
+    )

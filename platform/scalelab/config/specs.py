@@ -52,13 +52,26 @@ class ModelSpec(_Spec):
     kernel_sizes: list[int] = Field(
         [3], description="Kernel sizes cycled across the splits (e.g. [3, 5] for mixed kernels)."
     )
+    split_dilation: bool | list[int] = Field(
+        False,
+        description="Dilation of the splits' kxk convolutions. true: growing dilation 1, 2, 3, ... along "
+        "the Res2Net chain (a larger receptive field on 7x7/14x14 maps at the same parameters and "
+        "FLOPs); a list: dilations cycled across the splits like kernel_sizes; false: all 1. No "
+        "effect with scales=1 (one split, dilation 1).",
+    )
+    pyramid_stem: bool = Field(
+        False,
+        description="Multi-resolution stem: the image and its half-size pyramid level (2x2 average "
+        "pool) each get a 3x3 conv; the half-size branch is resized to the stem's output and added.",
+    )
     se: bool = Field(False, description="Squeeze-and-excitation channel attention in each block.")
     se_ratio: float = Field(0.25, gt=0, le=1, description="SE bottleneck ratio.")
     depthwise: bool = Field(False, description="Depthwise-separable convolutions in the split paths.")
-    head: Literal["last", "mean_logits", "concat"] = Field(
+    head: Literal["last", "mean_logits", "concat", "weighted"] = Field(
         "mean_logits",
-        description="Multi-scale classifier fusion: last stage only, mean of per-stage logits, or "
-        "one classifier over concatenated pooled features.",
+        description="Multi-scale classifier fusion: last stage only, mean of per-stage logits, "
+        "one classifier over concatenated pooled features, or 'weighted': per-stage logits fused "
+        "with learned softmax weights (one scalar per head stage, starting equal).",
     )
     head_stages: list[int] = Field(
         [-2, -1], description="Stages (indices, negative from the end) that feed the head."
@@ -95,6 +108,12 @@ class ModelSpec(_Spec):
             raise ValueError(f"depths must be >= 1 per stage, got {self.depths}")
         if any(w < 1 for w in self.widths):
             raise ValueError(f"widths must be positive, got {self.widths}")
+        if isinstance(self.split_dilation, list) and (
+            not self.split_dilation or any(d < 1 for d in self.split_dilation)
+        ):
+            raise ValueError(
+                f"split_dilation must be true/false or a list of dilations >= 1, got {self.split_dilation}"
+            )
         if any(k < 1 or k % 2 == 0 for k in self.kernel_sizes) or not self.kernel_sizes:
             raise ValueError(f"kernel_sizes must be odd and >= 1, got {self.kernel_sizes}")
         for w in self.widths:
@@ -112,6 +131,14 @@ class ModelSpec(_Spec):
             if not -n <= idx < n:
                 raise ValueError(f"stage index {idx} out of range for {n} stages")
         return self
+
+    def split_dilations(self) -> tuple[int, ...]:
+        """Dilations cycled across a block's splits (``split_dilation`` resolved)."""
+        if self.split_dilation is True:
+            return tuple(range(1, max(2, self.scales)))  # one per convolved split: 1, 2, ..., s-1
+        if self.split_dilation is False:
+            return (1,)
+        return tuple(self.split_dilation)
 
     def inner_width(self, stage_width: int) -> int:
         """Channels of the 3x3 (split) path of a block in a stage of this width."""

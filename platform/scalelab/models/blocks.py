@@ -21,13 +21,17 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(gate)
 
 
-def split_conv(width: int, kernel: int, stride: int, depthwise: bool) -> nn.Module:
-    """The kxk convolution of one split: dense, or depthwise kxk + pointwise 1x1."""
-    pad = kernel // 2
+def split_conv(width: int, kernel: int, stride: int, depthwise: bool, dilation: int = 1) -> nn.Module:
+    """The kxk convolution of one split: dense, or depthwise kxk + pointwise 1x1.
+
+    A dilated kernel is padded by ``dilation * (k // 2)``: same output size, same weights and
+    multiply-adds, a ``dilation * (k - 1) + 1`` wide view.
+    """
+    pad = dilation * (kernel // 2)
     if not depthwise:
-        return nn.Conv2d(width, width, kernel, stride, pad, bias=False)
+        return nn.Conv2d(width, width, kernel, stride, pad, dilation, bias=False)
     return nn.Sequential(
-        nn.Conv2d(width, width, kernel, stride, pad, groups=width, bias=False),
+        nn.Conv2d(width, width, kernel, stride, pad, dilation, groups=width, bias=False),
         nn.Conv2d(width, width, 1, bias=False),
     )
 
@@ -39,7 +43,8 @@ class MultiScaleBottleneck(nn.Module):
     ResNet bottleneck. With ``scales = s`` the inner channels are split into s groups; group i
     (i < s-1) is convolved after adding the previous group's output, so later groups see
     progressively larger receptive fields; the last group passes through (average-pooled when
-    the block downsamples, as the chain is cut there).
+    the block downsamples, as the chain is cut there). ``dilations`` (cycled across the splits)
+    widen each split's view further: (1, 2, 3) lets the third split of a 3x3 chain see 7x7 at once.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class MultiScaleBottleneck(nn.Module):
         se: bool = False,
         se_ratio: float = 0.25,
         depthwise: bool = False,
+        dilations: tuple[int, ...] = (1,),
     ) -> None:
         super().__init__()
         if scales < 1:
@@ -66,7 +72,13 @@ class MultiScaleBottleneck(nn.Module):
         self.conv1 = nn.Conv2d(in_chs, inner, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(inner)
         self.convs = nn.ModuleList(
-            split_conv(self.width, kernel_sizes[i % len(kernel_sizes)], stride, depthwise)
+            split_conv(
+                self.width,
+                kernel_sizes[i % len(kernel_sizes)],
+                stride,
+                depthwise,
+                dilations[i % len(dilations)] if scales > 1 else 1,
+            )
             for i in range(n_convs)
         )
         self.bns = nn.ModuleList(nn.BatchNorm2d(self.width) for _ in range(n_convs))

@@ -26,12 +26,37 @@ def make_stem(kind: str, in_chans: int, width: int) -> tuple[nn.Module, int]:
     return stem, 4
 
 
+class PyramidStem(nn.Module):
+    """Multi-resolution stem: the image and its half-size pyramid level, fused by addition.
+
+    The full-size image goes through the usual stem; the half-size level (2x2 average pool) through
+    a 3x3 conv + BN + ReLU of its own, resized (bilinear) to the stem's output and added. At low
+    resolution the half-size branch sees coarse shapes that a blurred full-size image still has.
+    """
+
+    def __init__(self, stem: nn.Module, in_chans: int, width: int) -> None:
+        super().__init__()
+        self.full = stem
+        self.coarse = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        full = self.full(x)  # (B, width, H/r, W/r)
+        half = self.coarse(F.avg_pool2d(x, 2, ceil_mode=True))  # (B, width, H/2, W/2)
+        if half.shape[-2:] != full.shape[-2:]:
+            half = F.interpolate(half, size=full.shape[-2:], mode="bilinear", align_corners=False)
+        return full + half
+
+
 class MultiScaleHead(nn.Module):
     """Classifiers on several stages, fused.
 
     - ``last``: the last stage's classifier; side classifiers on other head stages are auxiliary.
     - ``mean_logits``: the mean of per-stage logits (each also gets an auxiliary loss).
     - ``concat``: one classifier over concatenated pooled features; per-stage ones are auxiliary.
+    - ``weighted``: per-stage logits fused with learned softmax weights (``fusion_logits``, one per
+      head stage, zero at start: the mean); each stage also gets an auxiliary loss.
     """
 
     def __init__(
@@ -46,6 +71,7 @@ class MultiScaleHead(nn.Module):
         self.fused = (
             nn.Linear(sum(stage_chs[s] for s in self.stages), num_classes) if fusion == "concat" else None
         )
+        self.fusion_logits = nn.Parameter(torch.zeros(len(self.stages))) if fusion == "weighted" else None
 
     def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         pooled = [self.drop(feats[s].mean((2, 3))) for s in self.stages]  # each (B, C_s)
@@ -54,6 +80,9 @@ class MultiScaleHead(nn.Module):
             return self.fused(torch.cat(pooled, 1)), side
         if self.fusion == "mean_logits":
             return torch.stack(side).mean(0), side
+        if self.fusion == "weighted":
+            weights = torch.softmax(self.fusion_logits, 0).to(side[0].dtype)  # (S,)
+            return torch.einsum("s,sbk->bk", weights, torch.stack(side)), side
         return side[-1], side[:-1]  # 'last': the last stage is the output, the rest are auxiliary
 
 
@@ -69,6 +98,8 @@ class MultiScaleResNet(nn.Module):
         self.spec = spec
         stem_kind = spec.stem if spec.stem != "auto" else ("small" if image_size < 64 else "large")
         self.stem, reduction = make_stem(stem_kind, in_chans, spec.stem_width)
+        if spec.pyramid_stem:
+            self.stem = PyramidStem(self.stem, in_chans, spec.stem_width)
         chs = spec.stem_width
         stages = []
         self.feature_info: list[dict] = []
@@ -88,6 +119,7 @@ class MultiScaleResNet(nn.Module):
                         se=spec.se,
                         se_ratio=spec.se_ratio,
                         depthwise=spec.depthwise,
+                        dilations=spec.split_dilations(),
                     )
                 )
                 chs = width

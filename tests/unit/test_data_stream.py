@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from stream_resume import crash_and_resume
 
 from scalelab.config.specs import DataSpec
 from scalelab.data.catalog import choose_format
@@ -139,17 +140,10 @@ def test_auto_format_streams_what_does_not_fit():
     assert choose_format(DataSpec(format="stream"), 1)[0] == "stream"
 
 
-class Crash(Exception):
-    pass
-
-
 def test_fit_resumes_mid_epoch_exactly_once(tmp_path: Path, shards: Path, monkeypatch):
     """In-process: a run stops right after a mid-epoch checkpoint; the resumed run consumes the
     rest of that epoch, so the epoch's samples are the planned ones, each once."""
-    import shutil
-
     from scalelab.config.specs import RecipeSpec
-    from scalelab.train.loop import fit
 
     ds = open_sharded(shards)
     spec = RecipeSpec.model_validate(
@@ -160,26 +154,8 @@ def test_fit_resumes_mid_epoch_exactly_once(tmp_path: Path, shards: Path, monkey
             "train": {"epochs": 2, "batch_size": 16, "threads": 1, "checkpoint_every_steps": 4},
         }
     )
-    saved = tmp_path / "ckpt"
-
-    def crash_at_step_4_of_epoch_2(metrics, ckpt):
-        if metrics.get("mid_epoch") and metrics["epoch"] == 1 and metrics["step"] == 4:
-            shutil.copytree(ckpt, saved)
-            raise Crash
-
-    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
-    monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(first))
-    with pytest.raises(Crash):
-        fit(spec, ds, report=crash_at_step_4_of_epoch_2)
-    monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(second))
-    result = fit(spec, ds, report=lambda m, c: None, resume_from=saved)
+    result, before, after = crash_and_resume(spec, ds, tmp_path, monkeypatch, step=4)
     assert result.history[-1]["epoch"] == 2 and result.history[-1]["resumed_at_sample"] == 64
-
-    def rows(path):
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-    before = [r for r in rows(first) if r["epoch"] == 1]
-    after = [r for r in rows(second) if r["epoch"] == 1]
     assert after[0]["start"] == 64 and all(r["start"] < 64 for r in before)
     epoch_ids = [i for r in before + after for i in r["ids"]]
     planned = PlanLoader(config(ds), 16, window=2, rank=0, world_size=1)

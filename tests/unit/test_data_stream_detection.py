@@ -4,12 +4,12 @@ per epoch and in evaluation, bad shards named, and a mid-epoch resume that is ex
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from stream_resume import crash_and_resume
 
 from scalelab.config.specs import AugmentSpec, DataSpec, RecipeSpec
 from scalelab.data import read_raw
@@ -134,14 +134,9 @@ def test_detection_plan_flips_boxes_with_images_and_counts_every_image_once(shar
         stream_loaders(spec, ds, None, 0, 1, 8)
 
 
-class Crash(Exception):
-    pass
-
-
 def test_detection_fit_streams_and_resumes_mid_epoch_exactly_once(tmp_path: Path, shards: Path, monkeypatch):
     """In-process (train.workers=0): a detector trains on shards; a run stopped right after a
     mid-epoch checkpoint resumes at the exact sample, and the epoch's ids are the plan's, once."""
-    from scalelab.train.loop import fit
 
     ds = open_sharded(shards)
     spec = RecipeSpec.model_validate(
@@ -158,19 +153,7 @@ def test_detection_fit_streams_and_resumes_mid_epoch_exactly_once(tmp_path: Path
             },
         }
     )
-    saved = tmp_path / "ckpt"
-
-    def crash_at_step_2_of_epoch_2(metrics, ckpt):
-        if metrics.get("mid_epoch") and metrics["epoch"] == 1 and metrics["step"] == 2:
-            shutil.copytree(ckpt, saved)
-            raise Crash
-
-    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
-    monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(first))
-    with pytest.raises(Crash):
-        fit(spec, ds, report=crash_at_step_2_of_epoch_2)
-    monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(second))
-    result = fit(spec, ds, report=lambda m, c: None, resume_from=saved)
+    result, before, after = crash_and_resume(spec, ds, tmp_path, monkeypatch, step=2)
     assert result.history[-1]["epoch"] == 2 and result.history[-1]["resumed_at_sample"] == 16
     assert (
         np.isfinite(result.test.map50)
@@ -178,11 +161,7 @@ def test_detection_fit_streams_and_resumes_mid_epoch_exactly_once(tmp_path: Path
         and result.test.images == len(ds.splits["test"])
     )
 
-    def rows(path):
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-    before = [r for r in rows(first) if r["epoch"] == 1 and r["start"] < 16]
-    after = [r for r in rows(second) if r["epoch"] == 1]
+    before = [r for r in before if r["start"] < 16]
     assert after[0]["start"] == 16
     planned = planned_ids(
         ds.source, ds.meta["shards"]["train"], ROWS, seed=0, epoch=1, window=2, rank=0, world_size=1, batch=8

@@ -41,16 +41,24 @@ def set_threads(threads: int | None) -> None:
 # ----------------------------------------------------------------------------- process memory
 
 
-def _status_mb(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM, RssAnon, RssShmem) in MB; None without /proc."""
+def _status_fields(*fields: str) -> dict[str, float]:
+    """``/proc/self/status`` memory fields (VmRSS, VmHWM, RssAnon, RssShmem) in MB, read in one pass;
+    empty without /proc."""
+    out: dict[str, float] = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024 / 1e6
+                name = line.split(":", 1)[0]
+                if name in fields:
+                    out[name] = int(line.split()[1]) * 1024 / 1e6
     except OSError:
-        return None
-    return None
+        return {}
+    return out
+
+
+def _status_mb(field: str) -> float | None:
+    """One ``/proc/self/status`` memory field in MB; None without /proc."""
+    return _status_fields(field).get(field)
 
 
 class RssWatch:
@@ -91,9 +99,8 @@ class RssWatch:
         threading.Thread(target=_sample_until_stopped, args=(weakref.ref(self),), daemon=True).start()
 
     def _sample(self) -> None:
-        for field in ("RssAnon", "RssShmem"):
-            value = _status_mb(field)
-            if value is not None and value > self.peaks.get(field, -1.0):
+        for field, value in _status_fields("RssAnon", "RssShmem").items():  # one read per sample
+            if value > self.peaks.get(field, -1.0):
                 self.peaks[field] = value
 
     def metrics(self) -> dict[str, float]:
@@ -111,10 +118,10 @@ class RssWatch:
             )
         if "RssShmem" in self.peaks:
             out["peak_rss_shmem_mb"] = self.peaks["RssShmem"]
+        end = _status_fields("RssAnon", "RssShmem")
         for field, key in (("RssAnon", "rss_anon_mb"), ("RssShmem", "rss_shmem_mb")):
-            value = _status_mb(field)
-            if value is not None:
-                out[key] = value
+            if field in end:
+                out[key] = end[field]
         return out
 
 

@@ -322,9 +322,30 @@ def _exit_after_epoch(report, rank: int, fault: dict[str, Any]):
         at_step = metrics.get("step") == fault["step"] if fault.get("step") else not metrics.get("mid_epoch")
         if int(metrics["epoch"]) == fault["epoch"] and at_step and not os.path.exists(fault["marker"]):
             Path(fault["marker"]).write_text(f"rank {rank} exited after epoch {fault['epoch']}\n")
+            _wait_until_reports_drained()
             os._exit(1)
 
     return report_then_exit
+
+
+def _wait_until_reports_drained(timeout_s: float = 30.0) -> None:
+    """Testing only: Ray Train V2 holds a worker's report in a one-slot queue that the controller
+    drains every poll; a worker dying with its report still queued loses that report (and the
+    checkpoint every rank reported with it), so a loaded machine used to resume from an earlier
+    checkpoint than the test planned. Wait for the queue to empty, then one more poll."""
+    import time
+
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        queue = get_train_context().get_result_queue()
+    except Exception:  # another Ray Train version: a fixed grace period instead
+        time.sleep(3.0)
+        return
+    deadline = time.monotonic() + timeout_s
+    while not queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")) * 2)
 
 
 def _gather_node_ids() -> list[str]:

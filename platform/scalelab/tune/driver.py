@@ -67,9 +67,37 @@ def trial_base(spec: RecipeSpec, search_dir: Path) -> dict[str, Any]:
         output_dir=str(search_dir / "outputs"),
         storage_path=str(search_dir / "train"),
         threads=spec.train.threads or max(1, int(spec.search.cpus_per_trial)),
+        checkpoint_every=trial_checkpoint_every(spec),
+        channels_last=trial_channels_last(spec),
     )
     base["tracking"]["enabled"] = False
     return base
+
+
+def trial_checkpoint_every(spec: RecipeSpec) -> int:
+    """Epochs between a trial's checkpoints (``search.checkpoint_every``; see its description).
+
+    ASHA stops a trial only at a rung (``grace_period * reduction_factor**k`` epochs) or at the
+    budget, and ``fit`` always checkpoints the last epoch: checkpointing every ``grace_period``
+    epochs keeps a checkpoint of every epoch a trial can end on (the best trial's test evaluation
+    reads it) without writing and persisting one per epoch."""
+    search = spec.search
+    if search.checkpoint_every is not None:
+        return search.checkpoint_every
+    if search.scheduler == "asha":
+        return min(search.grace_period, max_epochs(spec))
+    return spec.train.checkpoint_every
+
+
+def trial_channels_last(spec: RecipeSpec) -> bool | None:
+    """The trials' ``train.channels_last``: the recipe's when set, else ``search.channels_last``,
+    else on for CPU trials (fp32 convolutions on these small maps take ~25-30% less CPU in
+    channels_last on an AVX2 host; bf16 runs use it already)."""
+    if spec.train.channels_last is not None:
+        return spec.train.channels_last
+    if spec.search.channels_last is not None:
+        return spec.search.channels_last
+    return True if not spec.train.use_gpu else None
 
 
 def ensure_ray() -> bool:

@@ -218,3 +218,25 @@ def test_trial_base_checkpoints_at_asha_rungs_and_uses_channels_last_on_cpu(tmp_
     assert trial_base(recipe(space, channels_last=False), tmp_path)["train"]["channels_last"] is False
     gpu = load_recipe(DIGITS, {"search.space": space, "train.use_gpu": True})
     assert trial_base(gpu, tmp_path)["train"]["channels_last"] is None  # bf16/fp16 decides on a GPU
+
+
+def test_fit_checkpoints_every_n_epochs_and_the_last(tmp_path):
+    """What trial_checkpoint_every relies on: fit checkpoints epochs n, 2n, ... and always the last."""
+    from scalelab.data.catalog import load_dataset
+    from scalelab.train.loop import fit
+
+    spec = load_recipe(
+        DIGITS,
+        {
+            "model.variant": "msresnet_tiny",
+            "train.epochs": 3,
+            "train.checkpoint_every": 2,
+            "train.batch_size": 256,  # 4 steps an epoch: the test is about when checkpoints come
+            "train.threads": 1,
+            "tracking.enabled": False,
+            "data.data_dir": str(tmp_path / "data"),
+        },
+    )
+    seen = []
+    fit(spec, load_dataset(spec.data), report=lambda m, ckpt: seen.append((m["epoch"], ckpt is not None)))
+    assert seen == [(1, False), (2, True), (3, True)]

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS  # noqa: E402
-from scalelab.config.loader import parse_override  # noqa: E402
 from scalelab.config import load_recipe  # noqa: E402
+from scalelab.config.loader import parse_override  # noqa: E402
 
 EVENTS_ENV = "SCALELAB_PROFILE_EVENTS"
 
@@ -40,7 +40,8 @@ def profiled_trial(config, base, space, dataset=None, _inner=None, **kw):
     def emit(kind, **fields):
         with open(path, "a") as fh:
             fh.write(
-                json.dumps({"t": time.time(), "cpu": time.process_time(), "pid": pid, "kind": kind, **fields}) + "\n"
+                json.dumps({"t": time.time(), "cpu": time.process_time(), "pid": pid, "kind": kind, **fields})
+                + "\n"
             )
 
     def timed(name, fn):
@@ -125,7 +126,11 @@ def main() -> None:
     t0 = time.time()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     t_ray = time.time()
-    overrides = {"search.output_dir": out, "tracking.enabled": False, **dict(parse_override(x) for x in args.set)}
+    overrides = {
+        "search.output_dir": out,
+        "tracking.enabled": False,
+        **dict(parse_override(x) for x in args.set),
+    }
     spec = load_recipe(args.recipe, overrides)
     started = time.time()
     mark("run_search_start")
@@ -144,7 +149,9 @@ def main() -> None:
         epochs=sum(r.get("epochs") or 0 for r in outcome.rows if r["status"] not in ("pruned", "error")),
         load_average=os.getloadavg(),
     )
-    Path(args.out).write_text(json.dumps({"summary": report, "driver": driver_events, "trial": trial_events}, indent=1))
+    Path(args.out).write_text(
+        json.dumps({"summary": report, "driver": driver_events, "trial": trial_events}, indent=1)
+    )
     for k, v in report.items():
         print(f"{k}: {v}")
 
@@ -201,8 +208,12 @@ def analyse(driver_events, trial_events, started, ended) -> dict:
         "counts": dict(counts),
         "thread_cpu_s": {k: round(v, 2) for k, v in cpu.items()},
         "trial_process_cpu_before_first_trial_fn_s": {str(k): round(v, 2) for k, v in first_cpu.items()},
-        "driver_cpu_run_search_s": round(d_cpu.get("run_search_end", 0) - d_cpu.get("run_search_start", 0), 2),
-        "driver_cpu_to_first_trial_start_s": round((first_start_cpu or 0) - d_cpu.get("run_search_start", 0), 2),
+        "driver_cpu_run_search_s": round(
+            d_cpu.get("run_search_end", 0) - d_cpu.get("run_search_start", 0), 2
+        ),
+        "driver_cpu_to_first_trial_start_s": round(
+            (first_start_cpu or 0) - d_cpu.get("run_search_start", 0), 2
+        ),
     }
 
 

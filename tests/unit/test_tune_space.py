@@ -210,7 +210,9 @@ def test_trial_base_checkpoints_at_asha_rungs_and_uses_channels_last_on_cpu(tmp_
     assert trial_base(recipe(space, grace_period=4, max_epochs=3), tmp_path)["train"]["checkpoint_every"] == 3
     assert trial_base(recipe(space, checkpoint_every=1), tmp_path)["train"]["checkpoint_every"] == 1
     # without ASHA: the recipe's own train.checkpoint_every
-    fifo = load_recipe(DIGITS, {"search.space": space, "search.scheduler": "none", "train.checkpoint_every": 3})
+    fifo = load_recipe(
+        DIGITS, {"search.space": space, "search.scheduler": "none", "train.checkpoint_every": 3}
+    )
     assert trial_base(fifo, tmp_path)["train"]["checkpoint_every"] == 3
     # the recipe's train.channels_last, then search.channels_last, decide before the CPU default
     nchw = load_recipe(DIGITS, {"search.space": space, "train.channels_last": False})
@@ -240,3 +242,22 @@ def test_fit_checkpoints_every_n_epochs_and_the_last(tmp_path):
     seen = []
     fit(spec, load_dataset(spec.data), report=lambda m, ckpt: seen.append((m["epoch"], ckpt is not None)))
     assert seen == [(1, False), (2, True), (3, True)]
+
+
+def test_callback_usage_count_is_skipped_with_usage_stats_off(monkeypatch):
+    """Tune imports Ray's MLflow/W&B/Comet/Aim integrations only to count callbacks for usage stats;
+    with usage stats off (scalelab's default) the search driver skips that count."""
+    from ray.air._internal import usage
+
+    from scalelab.tune.driver import skip_callback_usage_count
+
+    monkeypatch.setattr(usage, "tag_callbacks", usage.tag_callbacks)  # restored after the test
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    assert not skip_callback_usage_count()  # usage stats on: Ray's own count stays
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    assert skip_callback_usage_count()
+    from ray.tune import Callback
+
+    with pytest.MonkeyPatch.context() as mp:  # counting would import the integrations: not once
+        mp.setattr(usage, "_count_callbacks", lambda cbs: pytest.fail("callbacks were counted"))
+        assert usage.tag_callbacks([Callback()]) is False

@@ -106,7 +106,33 @@ def ensure_ray() -> bool:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # every epoch checkpoints; Tune's warning about the resulting state snapshots is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    return connect_ray(log_to_driver=False, configure_logging=False)
+    # Tune's default loggers are CSV, JSON and TensorBoard: _build_tuner passes the first two (its
+    # result.json / progress.csv stay), and tensorboardX is never imported (~1.7 s of a loaded
+    # driver's start, before the first trial is launched) nor written per result.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    started = connect_ray(log_to_driver=False, configure_logging=False)
+    skip_callback_usage_count()  # after connect_ray: it sets scalelab's usage-stats default
+    return started
+
+
+def skip_callback_usage_count() -> bool:
+    """With Ray's usage stats off (scalelab's default, ``RAY_USAGE_STATS_ENABLED=0``), skip Tune's
+    count of the run's callbacks for them: to count, ``tune.run`` imports Ray's MLflow, W&B, Comet
+    and Aim integrations (mlflow alone ~1-2 s, ~5 s on a loaded host, in the driver before the
+    first trial is launched) for a tag that is never sent. True if skipped."""
+    try:
+        from ray._common.usage.usage_lib import usage_stats_enabled
+        from ray.air._internal import usage as air_usage
+    except ImportError:  # another Ray layout: leave it alone
+        return False
+    if usage_stats_enabled() or not hasattr(air_usage, "tag_callbacks"):
+        return False
+    air_usage.tag_callbacks = _no_callback_tag
+    return True
+
+
+def _no_callback_tag(callbacks) -> bool:
+    return False
 
 
 def resolve_search_dir(output_dir: str, name: str) -> Path:
@@ -232,6 +258,7 @@ def _start_parent_run(spec: RecipeSpec, name: str, search_dir: Path) -> dict[str
 def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
     import ray.tune
     from ray.tune import CheckpointConfig, FailureConfig, TuneConfig, Tuner
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from scalelab.tune.space import to_tune_space
     from scalelab.tune.tracking import TrialTracker
@@ -273,7 +300,8 @@ def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
         run_config=ray.tune.RunConfig(
             name=TUNE_DIR,
             storage_path=str(search_dir),
-            callbacks=[tracker],
+            # CSV + JSON: Tune's experiment analysis reads them; no TensorBoard (see ensure_ray)
+            callbacks=[tracker, CSVLoggerCallback(), JsonLoggerCallback()],
             verbose=0,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=spec.train.max_failures),

@@ -370,3 +370,40 @@ def planned_epoch(data, spec, epoch: int, rank: int = 0, world_size: int = 1) ->
         world_size=world_size,
         batch=per_worker_batch(spec.train.batch_size, world_size, spec.train.grad_accum_steps),
     )
+
+
+def test_ray_data_reader_started_ahead_reads_the_epochs_plan(ray_session, tmp_path: Path):
+    """Real Ray Data: the next epoch's reader (dataset, decode tasks, first batch) is started before
+    the epoch asks for it; the epoch then hands out exactly its plan's ids, from the start and from
+    a resume position; an unused one is stopped."""
+    from scalelab.data.dataset import Dataset, Split
+    from scalelab.data.shards import open_sharded, write_shards
+    from scalelab.data.stream import RayDataLoader, StreamConfig, planned_ids
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (400, 8, 8, 1)).astype(np.uint8)
+    y = np.arange(400) % 4
+    parts = {"train": slice(0, 320), "val": slice(320, 360), "test": slice(360, 400)}
+    mem = Dataset(name="t", splits={k: Split(x[s], y[s]) for k, s in parts.items()}, classes=list("abcd"))
+    ds = open_sharded(write_shards(mem, tmp_path / "t", shard_mb=0.005, row_group_rows=16))
+    cfg = StreamConfig(ds.source, ds.meta["shards"]["train"], 16, 1, ds.mean, ds.std)
+    loader = RayDataLoader(cfg, 16, window=2, rank=0, world_size=1, sample_log=str(tmp_path / "log"))
+    plan = planned_ids(ds.source, cfg.shards, 16, seed=0, epoch=3, window=2, rank=0, world_size=1, batch=16)
+
+    def epoch_ids(epoch: int, skip: int = 0) -> list[int]:
+        (tmp_path / "log").unlink(missing_ok=True)
+        loader.set_epoch(epoch)
+        if skip:
+            loader.start_at(skip)
+        for _ in loader:
+            pass
+        return [i for r in map(json.loads, (tmp_path / "log").read_text().splitlines()) for i in r["ids"]]
+
+    loader.prefetch(3)
+    assert loader.ahead.ready.wait(120) and loader.ahead.error is None  # first batch there already
+    assert epoch_ids(3) == plan
+    loader.prefetch(3, 32)
+    assert epoch_ids(3, 32) == plan[32:]
+    loader.prefetch(4)
+    loader.close()
+    assert loader.ahead is None

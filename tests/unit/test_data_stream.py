@@ -13,7 +13,7 @@ from scalelab.config.specs import DataSpec
 from scalelab.data.catalog import choose_format
 from scalelab.data.dataset import Dataset, Split
 from scalelab.data.shards import open_sharded, write_shards
-from scalelab.data.stream import EvalLoader, PlanLoader, StreamConfig, planned_ids, rank_plan
+from scalelab.data.stream import EvalLoader, PlanLoader, ReaderAhead, StreamConfig, planned_ids, rank_plan
 from scalelab.errors import DataError
 
 
@@ -90,6 +90,120 @@ def test_resume_continues_the_plan_at_the_exact_sample(shards: Path):
     # the batches themselves (decoded + augmented) match too
     plan = rank_plan(ds.meta["shards"]["train"], 16, seed=0, epoch=4, window=3, rank=1, world_size=2, batch=8)
     assert plan.samples == len(whole)
+
+
+def logged_ids(loader, log: Path) -> list[int]:
+    """The ids an epoch's iteration (the real ``__iter__``) hands out, in order, from its sample log."""
+    log.unlink(missing_ok=True)
+    loader.sample_log = str(log)
+    for _ in loader:
+        pass
+    return [i for r in map(json.loads, log.read_text().splitlines()) for i in r["ids"]]
+
+
+def test_a_reader_started_ahead_reads_exactly_the_epochs_plan(tmp_path: Path, shards: Path):
+    """``prefetch`` opens the next epoch's reader before the epoch asks for it (its first window is
+    decoded by then); the epoch then reads exactly its plan -- from the start or a resume position --
+    and a reader started for another epoch is discarded, not read."""
+    ds = open_sharded(shards)
+    log = tmp_path / "samples.jsonl"
+    plan = planned_ids(
+        ds.source, ds.meta["shards"]["train"], 16, seed=0, epoch=1, window=2, rank=1, world_size=2, batch=8
+    )
+    loader = PlanLoader(config(ds), 8, window=2, rank=1, world_size=2)
+    loader.prefetch(1)
+    ahead = loader.ahead
+    assert ahead is not None and ahead.ready.wait(30)  # started: its first window is decoded already
+    assert ahead.error is None and ahead.first is not ReaderAhead._END
+    loader.set_epoch(1)
+    assert logged_ids(loader, log) == plan  # each planned sample once, in the planned order
+    assert loader.ahead is None  # used up
+
+    loader.prefetch(1, 16)  # a resumed epoch: 16 samples consumed before the restart
+    loader.set_epoch(1)
+    loader.start_at(16)
+    assert logged_ids(loader, log) == plan[16:]
+
+    loader.prefetch(2)  # started for an epoch the loop does not ask for
+    other = loader.ahead
+    loader.set_epoch(1)
+    assert logged_ids(loader, log) == plan and not other.thread.is_alive()
+
+    loader.prefetch(1)
+    loader.close()  # a run that stops before the epoch: the reader is stopped, nothing left running
+    assert loader.ahead is None
+    with pytest.raises(ValueError, match="micro-batches"):
+        loader.prefetch(1, 5)
+
+
+def test_a_reader_started_ahead_raises_its_error_in_the_epoch(tmp_path: Path, shards: Path):
+    ds = open_sharded(shards)
+    loader = PlanLoader(config(ds), 8, window=2, rank=0, world_size=1)
+    for shard in ds.meta["shards"]["train"]:
+        (shards / shard["file"]).write_bytes(b"not parquet")
+    loader.prefetch(0)
+    assert loader.ahead.ready.wait(30) and loader.ahead.error is not None  # failed in the background
+    loader.set_epoch(0)
+    with pytest.raises(DataError, match="shard"):  # ... and the epoch raises it
+        next(iter(loader))
+
+
+def test_fit_starts_each_epochs_reader_before_its_epoch(tmp_path: Path, shards: Path, monkeypatch):
+    """In-process: the first epoch's reader starts before the loop, the next one's before the
+    evaluation of the current epoch; each epoch reads the reader started for it; a run stopped early
+    stops the reader it started for an epoch that never ran."""
+    import scalelab.train.loop as loop
+    from scalelab.config.specs import RecipeSpec
+
+    events: list[tuple] = []
+    prefetch, evaluate, items, close = (
+        PlanLoader.prefetch,
+        loop.evaluate_model,
+        ReaderAhead.items,
+        ReaderAhead.close,
+    )
+
+    def record_prefetch(self, epoch, skip=0):
+        events.append(("prefetch", epoch, skip))
+        prefetch(self, epoch, skip)
+
+    def record_items(self):
+        events.append(("read", *self.key))
+        return items(self)
+
+    def record_close(self):
+        events.append(("stopped", *self.key))
+        close(self)
+
+    monkeypatch.setattr(PlanLoader, "prefetch", record_prefetch)
+    monkeypatch.setattr(ReaderAhead, "items", record_items)
+    monkeypatch.setattr(ReaderAhead, "close", record_close)
+    monkeypatch.setattr(loop, "evaluate_model", lambda *a, **k: events.append(("eval",)) or evaluate(*a, **k))
+    spec = RecipeSpec.model_validate(
+        {
+            "name": "tiny",
+            "model": {"variant": "msresnet_tiny"},
+            "data": {"shuffle_window": 2},
+            "train": {"epochs": 3, "batch_size": 16, "threads": 1},
+        }
+    )
+    ds = open_sharded(shards)
+    loop.fit(spec, ds)
+    assert events == [
+        ("prefetch", 0, 0),
+        ("read", 0, 0),
+        ("prefetch", 1, 0),
+        ("eval",),
+        ("read", 1, 0),
+        ("prefetch", 2, 0),
+        ("eval",),
+        ("read", 2, 0),
+        ("eval",),
+        ("eval",),  # test
+    ]
+    events.clear()
+    loop.fit(spec, ds, should_stop=lambda: True)  # stops after the first epoch
+    assert events[-4:] == [("prefetch", 1, 0), ("eval",), ("stopped", 1, 0), ("eval",)]
 
 
 def test_eval_loader_counts_every_sample_once(shards: Path):

@@ -36,7 +36,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -404,9 +405,42 @@ class _StreamLoaderBase:
         self.epoch, self.skip = 0, 0
         self.sample_log = sample_log
         self.consumed = 0
+        self.ahead: ReaderAhead | None = None  # an epoch's reader started early (see prefetch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.skip = epoch, 0
+
+    def prefetch(self, epoch: int, skip: int = 0) -> None:
+        """Start the reader of ``epoch`` (resuming after ``skip`` samples) now, in a background
+        thread, up to its first batch: ``fit`` calls this while the previous epoch is evaluated (and
+        before the first epoch), so the reader's start-up -- a Ray Data dataset and its execution,
+        decode tasks, the first windows -- runs during evaluation instead of at the epoch's start.
+        The epoch then iterates exactly what ``set_epoch(epoch); start_at(skip)`` would give (the
+        same plan); an iteration of another epoch or position discards it."""
+        self.close()
+        plan = self._plan(epoch, skip)
+        self.ahead = ReaderAhead((epoch, skip), plan, self.open_reader)
+
+    def close(self) -> None:
+        """Stop a reader started ahead and not used (a run that stops early)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead.close()
+
+    def reader(self) -> tuple[RankPlan, Iterator[Any]]:
+        """The current epoch's plan and its reader's items: the one started ahead when it was
+        started for this epoch and position, else a new one."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead.key == (self.epoch, self.skip):
+            return ahead.plan, ahead.items()
+        if ahead is not None:
+            ahead.close()
+        plan = self.plan()
+        return plan, iter(self.open_reader(plan))
+
+    def open_reader(self, plan: RankPlan) -> Iterable[Any]:
+        """The items of ``plan``'s reader: decoded blocks (merged into batches by ``__iter__``)."""
+        return self.batches(plan)
 
     def start_at(self, consumed: int) -> None:
         """Resume the current epoch after ``consumed`` samples of this rank (whole micro-batches)."""
@@ -415,16 +449,21 @@ class _StreamLoaderBase:
         self.skip = consumed
 
     def plan(self) -> RankPlan:
+        return self._plan(self.epoch, self.skip)
+
+    def _plan(self, epoch: int, skip: int) -> RankPlan:
+        if skip % self.batch_size:
+            raise ValueError(f"resume position {skip} is not a whole number of micro-batches")
         return rank_plan(
             self.cfg.shards,
             self.cfg.row_group_rows,
             seed=self.cfg.seed,
-            epoch=self.epoch,
+            epoch=epoch,
             window=self.window,
             rank=self.rank,
             world_size=self.world_size,
             batch=self.batch_size,
-            skip=self.skip,
+            skip=skip,
         )
 
     def __len__(self) -> int:
@@ -460,11 +499,11 @@ class _StreamLoaderBase:
         raise NotImplementedError
 
     def __iter__(self):
-        plan = self.plan()
+        plan, blocks = self.reader()
         position = plan.start
         buf: list[dict[str, np.ndarray]] = []
         held = 0
-        for block in self.batches(plan):
+        for block in blocks:
             buf.append(block)
             held += len(block["y"])
             while held >= self.batch_size:
@@ -493,10 +532,11 @@ class RayDataLoader(_StreamLoaderBase):
     """The epoch plan as a Ray Data dataset: one ``map_batches`` task per window reads, decodes and
     augments; ``iter_torch_batches`` hands the batches back in plan order."""
 
-    def __iter__(self):
+    prefetch_batches = 2  # iter_torch_batches' read-ahead, in batches
+
+    def open_reader(self, plan: RankPlan) -> Iterable[dict[str, torch.Tensor]]:
         import ray.data
 
-        plan = self.plan()
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the plan's order is the epoch's order
         if self.cfg.object_store_mb:  # backpressure: no new decode task while this much is queued
@@ -512,10 +552,67 @@ class RayDataLoader(_StreamLoaderBase):
         ds = ds.map_batches(
             decode_windows, fn_kwargs={"cfg": self.cfg, "epoch": plan.epoch, "rank": self.rank}, batch_size=1
         )
+        return ds.iter_torch_batches(
+            batch_size=self.batch_size, drop_last=False, prefetch_batches=self.prefetch_batches
+        )
+
+    def __iter__(self):
+        plan, batches = self.reader()
         position = plan.start
-        for batch in ds.iter_torch_batches(batch_size=self.batch_size, drop_last=False, prefetch_batches=2):
+        for batch in batches:
             yield self._emit(batch["x"], self._targets(batch), batch["id"].numpy(), position)
             position += len(batch["y"])
+
+
+class ReaderAhead:
+    """A reader opened in a background thread, up to its first item, before its epoch asks for it.
+
+    ``items()`` (in the consuming thread) waits for the start-up to finish, re-raises its error if
+    it failed, then yields the first item and the rest of the same iterator: the order and the
+    items are exactly those of the reader opened late."""
+
+    _END = object()
+
+    def __init__(
+        self, key: tuple[int, int], plan: RankPlan, open_reader: Callable[[RankPlan], Iterable[Any]]
+    ):
+        self.key, self.plan = key, plan
+        self.iterator: Iterator[Any] | None = None
+        self.first: Any = self._END
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self.thread = threading.Thread(
+            target=self._start, args=(open_reader,), name="scalelab-reader-ahead", daemon=True
+        )
+        self.thread.start()
+
+    def _start(self, open_reader: Callable[[RankPlan], Iterable[Any]]) -> None:
+        try:
+            self.iterator = iter(open_reader(self.plan))
+            self.first = next(self.iterator, self._END)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+            self.error = exc
+        finally:
+            self.ready.set()
+
+    def items(self) -> Iterator[Any]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.first is self._END:
+            return iter(())
+        return _chain_first(self.first, self.iterator)
+
+    def close(self) -> None:
+        self.thread.join()
+        close = getattr(self.iterator, "close", None)
+        if close is not None:  # a generator: stops Ray Data's execution
+            close()
+
+
+def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
 
 
 def decode_windows(

@@ -220,32 +220,59 @@ def fit(
 
     on_step = step_checkpoint if report is not None and t.checkpoint_every_steps else None
     val = None
-    for epoch in range(start_epoch, t.epochs):
-        skip = position["consumed"] if position is not None and position["epoch"] == epoch else 0
-        metrics = train_one_epoch(
-            spec, train_model, loaders.train, optimizer, scheduler, runtime, epoch, progress, skip, on_step
-        )
-        val = evaluate_model(model, loaders.val, data.num_classes, runtime)
-        metrics.update(val.as_metrics("val"))
-        metrics.update(epoch=epoch + 1, params=params, world_size=world_size, resumed_from=start_epoch)
-        if skip:
-            metrics["resumed_at_sample"] = skip
-        history.append(metrics)
-        if report is not None:
-            checkpoint = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
-            state = (
-                (model, optimizer, scheduler, history, bundle_meta(spec, data, runtime))
-                if checkpoint
-                else None
+    try:
+        read_ahead(loaders.train, start_epoch, position, t.epochs)  # start-up overlaps what follows
+        for epoch in range(start_epoch, t.epochs):
+            skip = resume_skip(position, epoch)
+            metrics = train_one_epoch(
+                spec,
+                train_model,
+                loaders.train,
+                optimizer,
+                scheduler,
+                runtime,
+                epoch,
+                progress,
+                skip,
+                on_step,
             )
-            report_epoch(report, metrics, state, rank)
-        if should_stop is not None and should_stop():
-            break
+            read_ahead(loaders.train, epoch + 1, position, t.epochs)  # runs while val is evaluated
+            val = evaluate_model(model, loaders.val, data.num_classes, runtime)
+            metrics.update(val.as_metrics("val"))
+            metrics.update(epoch=epoch + 1, params=params, world_size=world_size, resumed_from=start_epoch)
+            if skip:
+                metrics["resumed_at_sample"] = skip
+            history.append(metrics)
+            if report is not None:
+                checkpoint = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
+                state = (
+                    (model, optimizer, scheduler, history, bundle_meta(spec, data, runtime))
+                    if checkpoint
+                    else None
+                )
+                report_epoch(report, metrics, state, rank)
+            if should_stop is not None and should_stop():
+                break
+    finally:
+        if hasattr(loaders.train, "close"):  # a reader started ahead for an epoch that never ran
+            loaders.train.close()
 
     if val is None:  # resumed after the last epoch: nothing left to train
         val = evaluate_model(model, loaders.val, data.num_classes, runtime)
     test = evaluate_model(model, loaders.test, data.num_classes, runtime)
     return FitResult(model, history, test, val, runtime, params, start_epoch)
+
+
+def resume_skip(position: dict[str, Any] | None, epoch: int) -> int:
+    """Samples of ``epoch`` this rank consumed before a resume (0: the epoch starts afresh)."""
+    return position["consumed"] if position is not None and position["epoch"] == epoch else 0
+
+
+def read_ahead(loader: Any, epoch: int, position: dict[str, Any] | None, epochs: int) -> None:
+    """Start ``epoch``'s train reader now when the loader can (streamed shards: ``prefetch``), so
+    its start-up runs during the work before that epoch (the previous epoch's evaluation)."""
+    if epoch < epochs and hasattr(loader, "prefetch"):
+        loader.prefetch(epoch, resume_skip(position, epoch))
 
 
 def usable_position(position: dict[str, Any] | None, world_size: int) -> dict[str, Any] | None:

@@ -38,7 +38,7 @@ def library_versions() -> dict[str, str]:
     """``scalelab.version`` and the installed torch, Ray and MLflow versions (those installed).
 
     Read from the package metadata, not by importing them: an in-process run never imports Ray,
-    and importing it for its version string cost seconds beside the first epoch. A module already
+    and importing it for its version string cost seconds. A module already
     imported reports its own ``__version__`` (the same string for these wheels)."""
     from importlib import metadata
 

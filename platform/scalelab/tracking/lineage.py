@@ -35,11 +35,11 @@ def git_state(cwd: str | Path | None = None) -> dict[str, str]:
 
 
 def library_versions() -> dict[str, str]:
-    """``scalelab.version`` and the installed torch, Ray and MLflow versions (those installed).
+    """``scalelab.version`` and the versions of torch, Ray and MLflow, where installed.
 
     Read from the package metadata, not by importing them: an in-process run never imports Ray,
-    and importing it for its version string cost seconds. A module already
-    imported reports its own ``__version__`` (the same string for these wheels)."""
+    and importing it for its version string cost seconds. A module already imported reports its
+    own ``__version__`` (the same string as the metadata for these wheels)."""
     from importlib import metadata
 
     import scalelab

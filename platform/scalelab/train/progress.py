@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import IO, Protocol
 
 PLAIN_INTERVAL_ENV = "SCALELAB_PROGRESS_INTERVAL_S"  # seconds between plain lines (default 10)
@@ -124,29 +123,19 @@ def progress_for(rank: int, stream: IO[str] | None = None) -> EpochProgress | No
 
 
 class FirstStepSignal:
-    """Wraps a run's progress reporter (or none): at the run's first training step it records the
-    time as ``timing["first_step"]`` (what ``benchmarks/train.py`` reports as the first step) and
-    calls ``on_first``, if given."""
+    """Wraps a run's progress reporter (or none) and records when the run's first training step is
+    done, as ``timing["first_step"]`` (what ``benchmarks/train.py`` reports as the first step)."""
 
-    def __init__(
-        self,
-        inner: EpochProgress | None,
-        timing: dict,
-        on_first: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, inner: EpochProgress | None, timing: dict) -> None:
         self.inner = inner
         self.timing = timing
-        self.on_first = on_first
 
     def start(self, epoch: int, epochs: int, steps: int) -> None:
         if self.inner is not None:
             self.inner.start(epoch, epochs, steps)
 
     def advance(self, images: int) -> None:
-        if "first_step" not in self.timing:
-            self.timing["first_step"] = time.time()
-            if self.on_first is not None:
-                self.on_first()
+        self.timing.setdefault("first_step", time.time())
         if self.inner is not None:
             self.inner.advance(images)
 

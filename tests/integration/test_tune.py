@@ -90,6 +90,11 @@ def test_search_tracks_trials_and_writes_a_best_recipe_that_trains(workdir, ray_
         for line in path.read_text().splitlines()
     }
     assert 1 <= len(pids) < len(trials), pids
+    # Tune's CSV/JSON results are kept, its TensorBoard files are not written; each trial
+    # checkpoints every grace_period (1 here) epochs
+    trial_dirs = list((outcome.search_dir / "tune").glob("trial_*"))
+    assert trial_dirs and all((d / "progress.csv").is_file() for d in trial_dirs)
+    assert not list((outcome.search_dir / "tune").rglob("events.out.tfevents*"))
 
     best = load_recipe(outcome.best_yaml, ["train.epochs=1"])
     assert best.model.scales == outcome.best["model.scales"] and best.model.head == outcome.best["model.head"]

@@ -195,3 +195,69 @@ def test_rows_sort_by_metric_and_best_prefers_full_budget():
     assert [r["trial_id"] for r in sort_rows(rows, "val_acc", "min")] == ["b", "d", "a", "c"]
     assert pick_best(rows, "val_acc", "max")["trial_id"] == "d"
     assert pick_best(rows[:1], "val_acc", "max")["trial_id"] == "a"
+
+
+def test_trial_base_checkpoints_at_asha_rungs_and_uses_channels_last_on_cpu(tmp_path):
+    """Trials checkpoint every grace_period epochs under ASHA (every rung is a multiple of it; fit
+    always checkpoints the last epoch), and train channels_last on CPU unless the recipe says."""
+    from scalelab.tune.driver import trial_base
+
+    space = {"train.lr": {"loguniform": [0.01, 0.3]}}
+    base = trial_base(recipe(space, grace_period=2, reduction_factor=3, max_epochs=10), tmp_path)
+    assert base["train"]["checkpoint_every"] == 2 and base["train"]["epochs"] == 10
+    assert base["train"]["channels_last"] is True
+    # the grace period never exceeds the budget; an explicit search.checkpoint_every wins
+    assert trial_base(recipe(space, grace_period=4, max_epochs=3), tmp_path)["train"]["checkpoint_every"] == 3
+    assert trial_base(recipe(space, checkpoint_every=1), tmp_path)["train"]["checkpoint_every"] == 1
+    # without ASHA: the recipe's own train.checkpoint_every
+    fifo = load_recipe(
+        DIGITS, {"search.space": space, "search.scheduler": "none", "train.checkpoint_every": 3}
+    )
+    assert trial_base(fifo, tmp_path)["train"]["checkpoint_every"] == 3
+    # the recipe's train.channels_last, then search.channels_last, decide before the CPU default
+    nchw = load_recipe(DIGITS, {"search.space": space, "train.channels_last": False})
+    assert trial_base(nchw, tmp_path)["train"]["channels_last"] is False
+    assert trial_base(recipe(space, channels_last=False), tmp_path)["train"]["channels_last"] is False
+    gpu = load_recipe(DIGITS, {"search.space": space, "train.use_gpu": True})
+    assert trial_base(gpu, tmp_path)["train"]["channels_last"] is None  # bf16/fp16 decides on a GPU
+
+
+def test_fit_checkpoints_every_n_epochs_and_the_last(tmp_path):
+    """What trial_checkpoint_every relies on: fit checkpoints epochs n, 2n, ... and always the last."""
+    from scalelab.data.catalog import load_dataset
+    from scalelab.train.loop import fit
+
+    spec = load_recipe(
+        DIGITS,
+        {
+            "model.variant": "msresnet_tiny",
+            "train.epochs": 3,
+            "train.checkpoint_every": 2,
+            "train.batch_size": 256,  # 4 steps an epoch: the test is about when checkpoints come
+            "train.threads": 1,
+            "tracking.enabled": False,
+            "data.data_dir": str(tmp_path / "data"),
+        },
+    )
+    seen = []
+    fit(spec, load_dataset(spec.data), report=lambda m, ckpt: seen.append((m["epoch"], ckpt is not None)))
+    assert seen == [(1, False), (2, True), (3, True)]
+
+
+def test_callback_usage_count_is_skipped_with_usage_stats_off(monkeypatch):
+    """Tune imports Ray's MLflow/W&B/Comet/Aim integrations only to count callbacks for usage stats;
+    with usage stats off (scalelab's default) the search driver skips that count."""
+    from ray.air._internal import usage
+
+    from scalelab.tune.driver import skip_callback_usage_count
+
+    monkeypatch.setattr(usage, "tag_callbacks", usage.tag_callbacks)  # restored after the test
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    assert not skip_callback_usage_count()  # usage stats on: Ray's own count stays
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    assert skip_callback_usage_count()
+    from ray.tune import Callback
+
+    with pytest.MonkeyPatch.context() as mp:  # counting would import the integrations: not once
+        mp.setattr(usage, "_count_callbacks", lambda cbs: pytest.fail("callbacks were counted"))
+        assert usage.tag_callbacks([Callback()]) is False

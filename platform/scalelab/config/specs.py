@@ -406,6 +406,20 @@ class SearchSpec(_Spec):
         "trial, so torch and scalelab are imported once per process, not once per trial (Tune's "
         "reuse_actors). Off: a fresh process per trial.",
     )
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        description="Epochs between a trial's checkpoints (the last epoch always checkpoints). None: "
+        "ASHA's grace_period (every rung is a multiple of it, so a trial ASHA stops has a checkpoint "
+        "of its last epoch), or the recipe's train.checkpoint_every without ASHA. An interrupted "
+        "search resumes each unfinished trial from its last checkpoint.",
+    )
+    channels_last: bool | None = Field(
+        None,
+        description="channels_last for the trials' training when the recipe leaves "
+        "train.channels_last unset. None: on for CPU trials (~25-30% less CPU per epoch for fp32 on an "
+        "AVX2 host, BENCHMARKS.md), as recipes with bf16 already do; the recipe's choice otherwise.",
+    )
     output_dir: str = Field(".scalelab/tune", description="Results table, best.yaml, Tune state.")
 
 

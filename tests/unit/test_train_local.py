@@ -124,8 +124,8 @@ def test_test_time_flip_refused_on_digits(workdir: Path):
 
 
 def test_tracking_that_cannot_open_still_fails_the_run(workdir: Path, monkeypatch: pytest.MonkeyPatch):
-    """The MLflow run opens beside the first epoch (off the path to the first step); a tracking
-    server that cannot be reached still fails the run with the error that says what to do."""
+    """The MLflow run opens when epoch 1's metrics need it (off the path to the first step); a
+    tracking server that cannot be reached still fails the run with the error that says what to do."""
     from scalelab.cluster.services import free_port
     from scalelab.errors import TrackingError
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,24 @@ def git_state(cwd: str | Path | None = None) -> dict[str, str]:
 
 
 def library_versions() -> dict[str, str]:
+    """``scalelab.version`` and the versions of torch, Ray and MLflow, where installed.
+
+    Read from the package metadata, not by importing them: an in-process run never imports Ray,
+    and importing it for its version string cost seconds. A module already imported reports its
+    own ``__version__`` (the same string as the metadata for these wheels)."""
+    from importlib import metadata
+
     import scalelab
 
     tags = {"scalelab.version": scalelab.__version__}
     for mod in ("torch", "ray", "mlflow"):
-        with contextlib.suppress(ImportError):
-            tags[f"{mod}.version"] = __import__(mod).__version__
+        loaded = sys.modules.get(mod)
+        version = getattr(loaded, "__version__", None)
+        if version is None:
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                version = metadata.version(mod)
+        if version is not None:
+            tags[f"{mod}.version"] = str(version)
     return tags
 
 

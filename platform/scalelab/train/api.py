@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,12 +68,18 @@ def run_training(
     started = time.perf_counter()
     timing = {"run_training": time.time()}  # where the time to the first step goes (benchmarks)
     started_ray = False
-    # Opening the MLflow run (mlflow's import, the experiment, params, tags: seconds) runs beside
-    # what comes before the first step: connecting to / starting Ray, or, in-process, the model
-    # build and the first epoch (torch releases the GIL in its kernels). The local loop waits for
-    # the run only when it first logs, at the end of epoch 1.
+    # Opening the MLflow run (mlflow's import, the experiment, params, tags: seconds of Python)
+    # runs in a thread. On Ray it starts at once, beside connecting to / starting Ray (this process
+    # mostly waits on others then). In-process it starts when epoch 1's metrics need it: beside
+    # the imports before the first step (torch, torch._dynamo at the optimiser's first use) the two
+    # only took turns on the GIL, so the first step waited for both; beside training steps it was
+    # worse than waiting (each of torch's many short GIL releases let the import thread in for up to
+    # a switch interval: 30 digits steps overlapped with mlflow's import took ~1.5x as long as the
+    # import and the steps one after the other, on this 2-core machine).
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scalelab-mlflow-open")
-    opening = pool.submit(start_training_run, spec, name, data, mode, prepared_path(spec.data))
+    opening = DeferredCall(pool, start_training_run, spec, name, data, mode, prepared_path(spec.data))
+    if mode == "ray":
+        opening.release()
     try:
         if mode == "ray":
             from scalelab.cluster.session import connect_ray
@@ -98,6 +105,7 @@ def run_training(
             end_run(target, "FINISHED")
         return outcome
     finally:
+        opening.release()  # training failed before its first step: the run still opens (and ends)
         pool.shutdown(wait=True)  # an open still under way (training failed early) finishes first
         if started_ray:
             import ray
@@ -105,7 +113,27 @@ def run_training(
             ray.shutdown()
 
 
-def _opened_or_none(opening: Future):
+class DeferredCall:
+    """``fn(*args)`` in ``pool``, started by :meth:`release` or by the first :meth:`result` (which
+    never waits on a call nobody started)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, fn, *args: Any) -> None:
+        self._go = threading.Event()
+        self._future: Future = pool.submit(self._run, fn, args)
+
+    def _run(self, fn, args: tuple) -> Any:
+        self._go.wait()
+        return fn(*args)
+
+    def release(self) -> None:
+        self._go.set()
+
+    def result(self) -> Any:
+        self._go.set()
+        return self._future.result()
+
+
+def _opened_or_none(opening: DeferredCall):
     """The run ``opening`` opened, once it has; None when opening it failed (that error is the
     one the caller sees, or training failed first and its error is)."""
     try:
@@ -115,11 +143,11 @@ def _opened_or_none(opening: Future):
 
 
 def _train_local(
-    spec, data, name, opening: Future, started, timing, on_epoch, progress=False
+    spec, data, name, opening: DeferredCall, started, timing, on_epoch, progress=False
 ) -> TrainOutcome:
     from scalelab.tracking.runs import EpochLogger
     from scalelab.train.local import CheckpointKeeper, run_local
-    from scalelab.train.progress import progress_for
+    from scalelab.train.progress import FirstStepSignal, progress_for
 
     run_dir = Path(spec.train.storage_path) / name
     epoch_logger: EpochLogger | None = None
@@ -128,7 +156,7 @@ def _train_local(
         nonlocal epoch_logger
         timing.setdefault("first_epoch_reported", time.time())  # as Ray Train's workers record it
         timing.setdefault("first_epoch_seconds", float(metrics["epoch_seconds"]))
-        if "tracking_opened" not in timing:  # the first epoch's metrics need the run: wait for it
+        if "tracking_opened" not in timing:  # the first epoch's metrics need the run: open it now
             target = opening.result()
             timing["tracking_opened"] = time.time()
             epoch_logger = EpochLogger(target, role="local") if target is not None else None
@@ -137,9 +165,8 @@ def _train_local(
         if on_epoch is not None:
             on_epoch(metrics)
 
-    result = run_local(
-        spec, data, run_dir, on_epoch=each_epoch, progress=progress_for(0) if progress else None
-    )
+    steps = FirstStepSignal(progress_for(0) if progress else None, timing)  # timing["first_step"]
+    result = run_local(spec, data, run_dir, on_epoch=each_epoch, progress=steps)
     if epoch_logger is not None:
         epoch_logger.close()
     metrics = {**fit_metrics(result), "wall_seconds": time.perf_counter() - started, "timing": timing}

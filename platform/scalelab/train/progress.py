@@ -120,3 +120,25 @@ def progress_for(rank: int, stream: IO[str] | None = None) -> EpochProgress | No
     if stream is sys.stdout and stream.isatty():
         return RichProgress()
     return PlainProgress(stream)
+
+
+class FirstStepSignal:
+    """Wraps a run's progress reporter (or none) and records when the run's first training step is
+    done, as ``timing["first_step"]`` (what ``benchmarks/train.py`` reports as the first step)."""
+
+    def __init__(self, inner: EpochProgress | None, timing: dict) -> None:
+        self.inner = inner
+        self.timing = timing
+
+    def start(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.inner is not None:
+            self.inner.start(epoch, epochs, steps)
+
+    def advance(self, images: int) -> None:
+        self.timing.setdefault("first_step", time.time())
+        if self.inner is not None:
+            self.inner.advance(images)
+
+    def finish(self) -> None:
+        if self.inner is not None:
+            self.inner.finish()

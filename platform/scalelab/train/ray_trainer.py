@@ -213,7 +213,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     quiet_train_report_log()
     quiet_third_party_logs()
     from scalelab.train.loop import fit
-    from scalelab.train.progress import progress_for
+    from scalelab.train.progress import FirstStepSignal, progress_for
 
     started = time.time()
     spec = RecipeSpec.model_validate(config["spec"])
@@ -248,7 +248,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             resume_from = checkpoint.to_directory(tmp)  # a local copy, also when storage is S3
         timing["data_loaded"] = time.time()
         # progress within an epoch: rank 0 only (a worker's stdout is no terminal: plain lines)
-        progress = progress_for(rank) if config.get("progress") else None
+        progress = FirstStepSignal(progress_for(rank) if config.get("progress") else None, timing)
         result = fit(spec, data, report=report, resume_from=resume_from, device=device, progress=progress)
     node_ids = _gather_node_ids()
     if epoch_logger is not None:

@@ -15,11 +15,17 @@ Layers, lowest first; a module imports only from lower layers (tests/unit/test_l
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 __version__ = "0.1.0"
+
+# Like Ray's usage stats (off unless RAY_USAGE_STATS_ENABLED says otherwise), MLflow's telemetry is
+# off unless MLFLOW_DISABLE_TELEMETRY says otherwise: no background reporting thread and no flush
+# with network timeouts at exit (seconds on an offline machine). Child processes inherit it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def lazy_exports(package: str, home: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:

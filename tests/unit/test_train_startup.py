@@ -100,3 +100,22 @@ def test_lineage_reads_library_versions_without_importing_them():
     # the installed distributions' versions: what ray.__version__ etc. say for these wheels
     versions = [metadata.version(m) for m in ("ray", "mlflow", "torch")]
     assert out.stdout.split() == ["[]", *versions], out.stdout + out.stderr
+
+
+def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on():
+    """Like Ray's usage stats: importing scalelab turns MLflow's telemetry off by default (no
+    reporting thread, no flush with network timeouts at exit) and keeps a value the user set."""
+    probe = "import scalelab, mlflow.telemetry.utils as t; print(t.is_telemetry_disabled())"
+    env = {k: v for k, v in ENV.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "PYTEST_CURRENT_TEST")}
+    env = {k: v for k, v in env.items() if k != "CI"}
+    off = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert off.stdout.strip() == "True", off.stderr[-2000:]
+    env["MLFLOW_DISABLE_TELEMETRY"] = "false"
+    kept = subprocess.run(
+        [sys.executable, "-c", "import os, scalelab; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert kept.stdout.strip() == "false"

@@ -84,7 +84,7 @@ def run_training(
         if mode == "ray":
             from scalelab.cluster.session import connect_ray
 
-            started_ray = connect_ray()
+            started_ray = connect_ray(prestart_workers=False)  # Ray Train could not use them
             timing["ray_connected"] = time.time()
             target = opening.result()
             timing["tracking_opened"] = time.time()

@@ -104,7 +104,7 @@ def build_torch_trainer(
 
     ``run_config`` replaces the one built from the recipe (Tune passes its own, with callbacks);
     ``tracking`` (a :class:`scalelab.tracking.RunTarget`) makes rank 0 log epochs to that MLflow run.
-    ``owns_job``: this process is a driver that ends with the run (``scalelab train``), so Ray
+    ``owns_job``: the caller connected to Ray for this run and leaves after it (``scalelab train``), so Ray
     frees the run's placement group with the job (see :func:`lean_train_callbacks`).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -436,12 +436,18 @@ def tune_ray_train_startup() -> bool:
 
 
 def run_on_ray(
-    spec: RecipeSpec, data, run_name: str, tracking: Any | None = None, progress: bool = False
+    spec: RecipeSpec,
+    data,
+    run_name: str,
+    tracking: Any | None = None,
+    progress: bool = False,
+    owns_job: bool = False,
 ) -> dict[str, Any]:
     """Fit on Ray Train (connected by the caller); returns rank 0's result and a local copy of the
-    latest checkpoint (``checkpoint_dir``, the caller removes it)."""
+    latest checkpoint (``checkpoint_dir``, the caller removes it). ``owns_job``: the caller
+    connected to Ray for this run and disconnects after it (see :func:`build_torch_trainer`)."""
     trainer = build_torch_trainer(
-        spec, data.version, run_name=run_name, tracking=tracking, progress=progress, owns_job=True
+        spec, data.version, run_name=run_name, tracking=tracking, progress=progress, owns_job=owns_job
     )
     try:
         result = trainer.fit()

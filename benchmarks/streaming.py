@@ -111,8 +111,11 @@ def stream_vs_memory(quick: bool, variant: str, epochs: int, rounds: int, subset
         pairs.append((m, s))
         per_round.append(s["steady_images_per_s"] / m["steady_images_per_s"])
         first.append(stream_h[0]["steady_images_per_s"] / memory_h[0]["steady_images_per_s"])
-        print(f"round {r}: memory {m['steady_images_per_s']:.1f} img/s, stream "
-              f"{s['steady_images_per_s']:.1f} img/s, ratio {per_round[-1]:.3f}", flush=True)
+        print(
+            f"round {r}: memory {m['steady_images_per_s']:.1f} img/s, stream "
+            f"{s['steady_images_per_s']:.1f} img/s, ratio {per_round[-1]:.3f}",
+            flush=True,
+        )
     return {
         # steady state: after the epoch's first 5% of steps; with --ratio-epochs >= 2 the last epoch
         # is one whose reader started during the previous epoch's evaluation (as every epoch but a
@@ -359,7 +362,10 @@ def main() -> None:
         help="epochs of each ratio run; the ratio is the last epoch's (first epoch's figures beside it)",
     )
     ap.add_argument(
-        "--ratio-rounds", type=int, default=3, help="interleaved (memory, stream) pairs; the ratio is their median"
+        "--ratio-rounds",
+        type=int,
+        default=3,
+        help="interleaved (memory, stream) pairs; the ratio: their median",
     )
     ap.add_argument(
         "--ratio-subset",
@@ -396,7 +402,12 @@ def main() -> None:
         try:
             figures.update(
                 stream_vs_memory(
-                    args.quick, args.ratio_variant, args.ratio_epochs, args.ratio_rounds, args.ratio_subset, work
+                    args.quick,
+                    args.ratio_variant,
+                    args.ratio_epochs,
+                    args.ratio_rounds,
+                    args.ratio_subset,
+                    work,
                 )
             )
             print(json.dumps(figures), flush=True)

@@ -3,7 +3,7 @@
 epoch's images once across the ranks in the planned order; mAP (gathered from both ranks, every
 test image once) is finite and in line with the in-memory path on the same data, seed and budget.
 A COCO folder (JSON + images, from a local folder or an S3 prefix on the moto server) is prepared
-into the same shards in parallel on Ray, boxes included, and streamed to a Ray Train worker.
+into the same shards in parallel on Ray, boxes included, and streamed to training.
 Mid-epoch resume of detection is checked in-process (tests/unit/test_data_stream_detection.py);
 the worker kill test of tests/integration/test_stream_data.py covers the same plan and counter."""
 
@@ -183,6 +183,8 @@ def test_coco_prepared_on_ray_from_folder_and_s3_prefix_then_streamed(
     report = json.loads((skipped / "metadata.json").read_text())
     assert report["source"]["skipped_count"] == 1 and sum(report["split_sizes"].values()) == 66
 
+    log = tmp_path / "samples.jsonl"
+    monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(log))
     out = run_training(
         load_recipe(
             "pipelines/scenes.yaml",
@@ -193,10 +195,14 @@ def test_coco_prepared_on_ray_from_folder_and_s3_prefix_then_streamed(
                 "data.format=stream",
                 "data.channels=1",
                 "train.epochs=1",
-                "train.workers=1",
+                "train.workers=0",  # the plan read in-process; Ray Train workers: the test above
                 "train.run_name=coco-stream",
             ],
         )
     )
     assert out.history[-1]["epoch"] == 1 and math.isfinite(out.metrics["test_map50"])
     assert out.metrics["test_loss"] > 0
+    seen = [i for line in log.read_text().splitlines() for i in json.loads(line)["ids"]]
+    train_ids = set(load_dataset(DataSpec(name="coco_s3", **common)).splits["train"].ids().tolist())
+    assert len(seen) == len(set(seen)) and set(seen) <= train_ids  # streamed: each sample once
+    assert len(seen) == (len(train_ids) // 16) * 16  # whole batches of the epoch (drop_last)

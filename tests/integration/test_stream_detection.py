@@ -181,7 +181,11 @@ def test_coco_prepared_on_ray_from_folder_and_s3_prefix_then_streamed(
         DataSpec(name="coco_skip", source=str(folder / "annotations.json"), on_bad_file="skip", **common)
     )
     report = json.loads((skipped / "metadata.json").read_text())
-    assert report["source"]["skipped_count"] == 1 and sum(report["split_sizes"].values()) == 66
+    assert report["source"]["skipped"] == ["000003.png"] and sum(report["split_sizes"].values()) == 66
+    kept = load_dataset(DataSpec(name="coco_skip", **common))
+    src = scenes.splits["train"]
+    boxes = sum(len(kept.splits[s].boxes) for s in ("train", "val", "test"))
+    assert boxes == len(src.boxes) - int((src.box_image_index == 3).sum())  # image 3's boxes went with it
 
     log = tmp_path / "samples.jsonl"
     monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(log))

@@ -466,7 +466,8 @@ def _prepare_coco(spec: DataSpec, files: CocoFiles, out_dir: Path) -> Path:
     n = len(files.images)
     size = spec.image_size or max(max(int(im["height"]), int(im["width"])) for im in files.images)
     channels = spec.channels or 3
-    skipped: list[str] = []
+    skipped: list[str] = []  # as the JSON names them (file_name)
+    names = {p: im["file_name"] for p, im in zip(files.paths, files.images, strict=True)}
     for i, p in enumerate(files.paths):
         if p is None:
             name = files.images[i]["file_name"]
@@ -503,7 +504,7 @@ def _prepare_coco(spec: DataSpec, files: CocoFiles, out_dir: Path) -> Path:
             for sample_id, count, image, boxes, labels in res["rows"]:
                 writer.add(sample_id, count, image, boxes, labels)
                 max_boxes = max(max_boxes, count)
-            skipped += res["skipped"]
+            skipped += [names[p] for p in res["skipped"]]
             kept += res["kept"]
             if name == "train":
                 stats = [stats[0] + res["sums"], stats[1] + res["sq"], stats[2] + res["pixels"]]

@@ -2,11 +2,15 @@
 
 One run measures, side by side:
 - ``stream_vs_memory_train_ratio``: steady-state training images/s (after the epoch's first 5% of
-  steps) of ``msresnet_m`` on Fashion-MNIST in one Ray Train worker, streamed (Ray Data decodes on
-  the other core) / in memory, in the last of ``--ratio-epochs`` (2) epochs: an epoch whose reader
-  started during the previous epoch's evaluation, as every epoch but a run's first;
+  steps) of ``msresnet_m`` on Fashion-MNIST (the first ``--ratio-subset`` training images, so the
+  part fits ~10 min) in one Ray Train worker, streamed (Ray Data decodes on the other core) / in
+  memory, in the last of ``--ratio-epochs`` (2) epochs (an epoch whose reader started during the
+  previous epoch's evaluation, as every epoch but a run's first). ``--ratio-rounds`` (3) interleaved
+  pairs of runs (memory, stream, memory, stream, ...): the figure is the median of the per-round
+  ratios, ``stream_vs_memory_train_ratio_rounds`` lists them (their spread is the noise);
   ``stream_vs_memory_epoch_ratio``: the same over the whole epoch (what is left of the reader's
-  start-up included); ``first_epoch_*``: both for the first epoch (a fresh reader);
+  start-up included); ``first_epoch_stream_vs_memory_train_ratio_rounds``: each round's first epoch
+  (a fresh reader);
 - ``decode_augment_images_per_s_per_core``: the streaming path's Parquet read + decode (the
   shards keep the source JPEGs' bytes) + augment (uint8, in the Ray Data task) + normalise (per
   batch, in the consumer) of a generated 96 px dataset, all on one core, and
@@ -25,7 +29,9 @@ One run measures, side by side:
 - ``resume_repeated_samples`` / ``resume_skipped_samples``: a Ray Train worker of two killed mid-epoch
   right after a step checkpoint; the resumed epoch's sample ids against the epoch plan (goal 0, 0).
 
-    .venv/bin/python benchmarks/streaming.py            # ~10-15 min on 2 idle cores
+    .venv/bin/python benchmarks/streaming.py            # ~20-25 min on 2 idle cores
+    .venv/bin/python benchmarks/streaming.py --only ratio   # the ratio alone (~10 min), merged into
+                                                            # the existing results file
     .venv/bin/python benchmarks/streaming.py --quick    # tiny sizes, proves the script works;
                                                         # figures go to a temp folder, not results/
 

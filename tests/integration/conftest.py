@@ -19,6 +19,10 @@ from scalelab.cluster.session import serve_ingress_env
 
 pytestmark = pytest.mark.integration
 
+# On a loaded 2-core CI host an `mlflow server` started by a test once took over the product's
+# default 120 s to answer /health (it passed in 10-20 s rerun idle): tests allow it longer.
+os.environ.setdefault("SCALELAB_MLFLOW_START_TIMEOUT_S", "300")
+
 
 @pytest.fixture(scope="session")
 def services_dir(tmp_path_factory) -> Path:

@@ -123,6 +123,8 @@ def prepare(spec: DataSpec) -> Path:
 
         estimate = _estimate_imagefolder_mb if spec.kind == "imagefolder" else _estimate_coco_mb
         fmt, reason = choose_format(spec, estimate(spec) if spec.format == "auto" else 0)
+        if (spec.source or "").startswith("s3://") and fmt == "memory":  # the readers read local files
+            fmt, reason = "stream", "auto: an S3 source is prepared on Ray, in the stream format"
         if fmt == "stream":
             log.warning("data format for %r: stream (%s)", spec.name, reason)
             shards = prepare_imagefolder_shards if spec.kind == "imagefolder" else prepare_coco_shards

@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from scalelab.artifacts.preprocess import letterbox, to_channels
 from scalelab.config.specs import DataSpec
 from scalelab.data.dataset import SPLITS, stratified_split
-from scalelab.data.shards import FORMAT, ShardWriter, _finish, _start, encode_png
+from scalelab.data.scenes import coco_index
+from scalelab.data.shards import FORMAT, DetectionShardWriter, ShardWriter, _finish, _start, encode_png
 from scalelab.data.sources import IMAGE_SUFFIXES, _class_folders, _fit_square, _image_files, _open_image
 from scalelab.errors import DataError
 
@@ -339,8 +341,6 @@ class CocoFiles:
 def list_coco(spec: DataSpec) -> CocoFiles:
     """``data.source``: a COCO JSON, local or ``s3://bucket/prefix/annotations.json``; image
     ``file_name``s resolve against its folder, or an ``images/`` folder beside it (as ``read_coco``)."""
-    from scalelab.data.scenes import coco_index
-
     if not spec.source:
         raise DataError("kind 'coco' needs data.source: the path (or s3:// URL) of a COCO annotations JSON")
     fs, where = None, spec.source
@@ -404,8 +404,6 @@ def encode_coco_chunk(
     """Read, letterbox (as ``read_coco``: longer side to ``size``, padded right/bottom) and encode a
     chunk of COCO images; rows ``(id, objects, bytes, boxes (K, 4) xyxy px, labels (K,))``, skipped
     files and channel sums. An image already ``size`` square in the right mode keeps its bytes."""
-    from scalelab.artifacts.preprocess import letterbox, to_channels
-
     rows, skipped, kept = [], [], 0
     sums, sq, pixels = np.zeros(channels), np.zeros(channels), 0
     mode = "RGB" if channels == 3 else "L"
@@ -461,8 +459,6 @@ def prepare_coco_shards(spec: DataSpec, out_dir: str | Path) -> Path:
 def _prepare_coco(spec: DataSpec, files: CocoFiles, out_dir: Path) -> Path:
     """Splits as ``read_coco`` makes them (a seeded shuffle of the listed images: the same split
     when no image is skipped); sample ids are the images' positions in the JSON."""
-    from scalelab.data.shards import DetectionShardWriter
-
     n = len(files.images)
     size = spec.image_size or max(max(int(im["height"]), int(im["width"])) for im in files.images)
     channels = spec.channels or 3

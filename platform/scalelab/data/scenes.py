@@ -218,7 +218,7 @@ def read_coco(spec: DataSpec) -> Dataset:
     if spec.source.startswith("s3://"):
         raise DataError(
             f"{spec.source}: a COCO dataset on S3 is prepared in the stream format only (in parallel on "
-            f"Ray); set data.format=stream (or auto)"
+            f"Ray); set data.format=stream or auto"
         )
     path = Path(spec.source)
     if not path.is_file():

@@ -5,7 +5,8 @@ per-split shard index) and ``<split>/shard-NNNNN.parquet`` files. Each row is on
 
   id     int64   sample id, unique within the dataset (the source file's index in sorted order)
   label  int64   class index
-  image  binary  encoded image (JPEG, PNG, or raw pixels if small), already square, ``image_size`` px, ``channels`` channels
+  image  binary  encoded image (JPEG, PNG, or raw pixels if small), square, ``image_size`` px,
+                 ``channels`` channels
 
 Detection datasets (``task: detection``) add two list columns, one entry per object of the image
 (``label`` is then the image's object count, as ``Split.y`` is in memory):

@@ -259,3 +259,24 @@ def test_training_survives_the_tracking_server_going_away(workdir: Path, own_mlf
     assert [m.step for m in client.get_metric_history(out.run_id, "val_acc")] == [1, 2, 3, 4, 5]
     assert "test_acc" in run.data.metrics
     assert {"bundle", "metrics.json"} <= {a.path for a in client.list_artifacts(out.run_id)}
+
+
+def test_lean_trainer_leaves_out_only_the_actors_a_one_run_driver_never_needs(tmp_path: Path):
+    """Against the installed Ray Train (no cluster needed): the callbacks scalelab drops exist under
+    these names (a Ray upgrade renaming them fails here, not silently), and only they are dropped."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from scalelab.train.ray_trainer import lean_torch_trainer_class
+
+    kw = {"scaling_config": ScalingConfig(num_workers=1), "run_config": RunConfig(storage_path=str(tmp_path))}
+
+    def names(trainer) -> list[str]:
+        return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
+
+    plain = names(TorchTrainer(lambda: None, **kw))
+    assert {"DatasetsCallback", "PlacementGroupCleanerCallback", "BackendSetupCallback"} <= set(plain)
+    one_run = names(lean_torch_trainer_class(drop_placement_group_cleaner=True)(lambda: None, **kw))
+    assert one_run == [n for n in plain if n not in ("DatasetsCallback", "PlacementGroupCleanerCallback")]
+    in_tune = names(lean_torch_trainer_class(drop_placement_group_cleaner=False)(lambda: None, **kw))
+    assert in_tune == [n for n in plain if n != "DatasetsCallback"]

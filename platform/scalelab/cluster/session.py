@@ -211,6 +211,12 @@ def head_auth_env() -> dict[str, str]:
 # ----------------------------------------------------------------------------- connecting
 
 
+# A new local Ray starts one idle Python worker per CPU; a Ray Train run cannot use them (its
+# controller and everything it starts carry a runtime env of their own, the env vars Train
+# propagates), so on a 2-core machine they only took CPU from the processes the first step awaits.
+NO_PRESTARTED_WORKERS = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
 def connect_ray(
     address: str | None = None,
     *,
@@ -218,13 +224,14 @@ def connect_ray(
     log_to_driver: bool = True,
     configure_logging: bool = True,
     include_dashboard: bool | None = False,
+    prestart_workers: bool = True,
     stack_file: Path = STACK_FILE,
 ) -> bool:
     """Connect this process to Ray; returns True when this call connected (or started) it.
 
     ``address`` (e.g. a command's ``--address``) wins over ``$RAY_ADDRESS``, which wins over the
     `scalelab up` stack's live head; with none of them a new local Ray starts (``num_cpus``,
-    ``include_dashboard`` apply only to that one). A head that does not answer within
+    ``include_dashboard``, ``prestart_workers`` apply only to that one). A head that does not answer within
     ``SCALELAB_RAY_CONNECT_TIMEOUT_S`` is a :class:`ClusterError` naming where its address came from.
     """
     import ray
@@ -244,6 +251,7 @@ def connect_ray(
             include_dashboard=include_dashboard,
             log_to_driver=log_to_driver,
             configure_logging=configure_logging,
+            _system_config=None if prestart_workers else NO_PRESTARTED_WORKERS,
         )
         return True
     _check_reachable(address, source)

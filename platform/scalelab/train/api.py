@@ -84,7 +84,7 @@ def run_training(
         if mode == "ray":
             from scalelab.cluster.session import connect_ray
 
-            started_ray = connect_ray()
+            started_ray = connect_ray(prestart_workers=False)  # Ray Train could not use them
             timing["ray_connected"] = time.time()
             target = opening.result()
             timing["tracking_opened"] = time.time()
@@ -92,7 +92,8 @@ def run_training(
                 tag_ray_job(target)
         try:
             if mode == "ray":
-                outcome = _train_on_ray(spec, data, name, target, started, timing, progress)
+                # started_ray: this call connected and disconnects after the run (the job ends with it)
+                outcome = _train_on_ray(spec, data, name, target, started, timing, progress, started_ray)
             else:
                 outcome = _train_local(spec, data, name, opening, started, timing, on_epoch, progress)
                 target = opening.result()
@@ -186,10 +187,10 @@ def _train_local(
     )
 
 
-def _train_on_ray(spec, data, name, target, started, timing, progress=False) -> TrainOutcome:
+def _train_on_ray(spec, data, name, target, started, timing, progress=False, owns_job=False) -> TrainOutcome:
     from scalelab.train.ray_trainer import run_on_ray
 
-    res = run_on_ray(spec, data, name, tracking=target, progress=progress)
+    res = run_on_ray(spec, data, name, tracking=target, progress=progress, owns_job=owns_job)
     metrics = {
         **res["metrics"],
         "wall_seconds": time.perf_counter() - started,

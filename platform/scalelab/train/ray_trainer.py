@@ -98,14 +98,17 @@ def build_torch_trainer(
     run_name: str | None = None,
     tracking: Any | None = None,
     progress: bool = False,
+    owns_job: bool = False,
 ):
     """A ``TorchTrainer`` running :func:`train_worker` on ``train.workers`` workers (at least 1).
 
     ``run_config`` replaces the one built from the recipe (Tune passes its own, with callbacks);
     ``tracking`` (a :class:`scalelab.tracking.RunTarget`) makes rank 0 log epochs to that MLflow run.
+    ``owns_job``: the caller connected to Ray for this run and leaves after it (``scalelab train``), so Ray
+    frees the run's placement group with the job (see :func:`lean_train_callbacks`).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from scalelab.train.loop import default_run_name
 
@@ -124,7 +127,7 @@ def build_torch_trainer(
             failure_config=FailureConfig(max_failures=t.max_failures),
             logging_config=LoggingConfig(log_level=settings.ray_train_log_level),
         )
-    tune_ray_train_startup()
+    single_node = tune_ray_train_startup()
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
@@ -141,7 +144,8 @@ def build_torch_trainer(
         "submitted_at": time.time(),
         "progress": progress,
     }
-    return TorchTrainer(
+    trainer_class = lean_torch_trainer_class(drop_placement_group_cleaner=owns_job and single_node)
+    return trainer_class(
         train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
@@ -153,6 +157,56 @@ def build_torch_trainer(
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
     )
+
+
+# Ray Train V2's default callbacks that start an actor (a fresh Python process each) per run
+DATASET_MANAGER_CALLBACK = "DatasetsCallback"  # a DatasetManager actor (imports Ray Data), datasets or not
+PLACEMENT_GROUP_CLEANER_CALLBACK = "PlacementGroupCleanerCallback"  # a detached cleaner actor
+
+
+def lean_train_callbacks(callbacks: list, *, has_datasets: bool, drop_placement_group_cleaner: bool) -> list:
+    """Ray Train V2's default controller callbacks without those that only start processes here.
+
+    Each dropped callback starts an actor, a Python process of its own importing Ray Train (and Ray
+    Data) while the controller and the worker start: on a 2-core machine they took turns on the CPU
+    with the very processes the first step waits for.
+
+    - the datasets callback: we pass no ``datasets`` to the trainer (workers read the prepared data
+      themselves), so its DatasetManager would serve nothing;
+    - the placement-group cleaner (``drop_placement_group_cleaner``): a detached actor that removes
+      the run's placement group should the controller die while its driver lives on. When the
+      driver is a one-run command on a one-node cluster, Ray removes the group with the job anyway.
+    """
+    drop = set()
+    if not has_datasets:
+        drop.add(DATASET_MANAGER_CALLBACK)
+    if drop_placement_group_cleaner:
+        drop.add(PLACEMENT_GROUP_CLEANER_CALLBACK)
+    return [cb for cb in callbacks if type(cb).__name__ not in drop]
+
+
+_LEAN_TRAINERS: dict[bool, type] = {}
+
+
+def lean_torch_trainer_class(drop_placement_group_cleaner: bool) -> type:
+    """``TorchTrainer`` whose default callbacks pass through :func:`lean_train_callbacks`; the plain
+    ``TorchTrainer`` on a Ray Train without ``_create_default_callbacks`` (another version)."""
+    from ray.train.torch import TorchTrainer
+
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+    if drop_placement_group_cleaner not in _LEAN_TRAINERS:
+
+        class LeanTorchTrainer(TorchTrainer):
+            def _create_default_callbacks(self):
+                return lean_train_callbacks(
+                    super()._create_default_callbacks(),
+                    has_datasets=bool(self.datasets),
+                    drop_placement_group_cleaner=drop_placement_group_cleaner,
+                )
+
+        _LEAN_TRAINERS[drop_placement_group_cleaner] = LeanTorchTrainer
+    return _LEAN_TRAINERS[drop_placement_group_cleaner]
 
 
 def stream_source_config(spec: RecipeSpec, data_version: DataVersion | None) -> dict[str, Any] | None:
@@ -361,7 +415,7 @@ def _gather_node_ids() -> list[str]:
     return [str(n) for n in nodes]
 
 
-def tune_ray_train_startup() -> None:
+def tune_ray_train_startup() -> bool:
     """Two Ray Train V2 defaults that cost a lot on small runs (both overridable by setting them):
 
     - each worker's report queue holds one result and the controller drains it every health-check
@@ -370,20 +424,31 @@ def tune_ray_train_startup() -> None:
       cluster there is no node to lose without losing the run, so skip it there.
 
     The driver's values travel to the controller and workers (Ray Train propagates them).
+    Returns whether the cluster has one node.
     """
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    if ray.is_initialized() and len(ray.nodes()) == 1:
+    single_node = ray.is_initialized() and len(ray.nodes()) == 1
+    if single_node:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return single_node
 
 
 def run_on_ray(
-    spec: RecipeSpec, data, run_name: str, tracking: Any | None = None, progress: bool = False
+    spec: RecipeSpec,
+    data,
+    run_name: str,
+    tracking: Any | None = None,
+    progress: bool = False,
+    owns_job: bool = False,
 ) -> dict[str, Any]:
     """Fit on Ray Train (connected by the caller); returns rank 0's result and a local copy of the
-    latest checkpoint (``checkpoint_dir``, the caller removes it)."""
-    trainer = build_torch_trainer(spec, data.version, run_name=run_name, tracking=tracking, progress=progress)
+    latest checkpoint (``checkpoint_dir``, the caller removes it). ``owns_job``: the caller
+    connected to Ray for this run and disconnects after it (see :func:`build_torch_trainer`)."""
+    trainer = build_torch_trainer(
+        spec, data.version, run_name=run_name, tracking=tracking, progress=progress, owns_job=owns_job
+    )
     try:
         result = trainer.fit()
     except Exception as exc:

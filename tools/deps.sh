@@ -81,6 +81,8 @@ case "${1:-}" in
       fi
       "$VENV/bin/uv" pip install -q --python "$PY" --no-deps --no-build-isolation -e .
     fi
+    # scalelab's own modules too (an editable install: every process imports them from platform/)
+    "$PY" -m compileall -qq platform/scalelab || true
     ;;
   lock)
     bootstrap_uv

@@ -7,7 +7,12 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha1s
 INSTALLER ?= uv
 PYTEST_ARGS ?=
 
-.PHONY: setup lock lock-check system-deps demo down test test-unit test-integration lint format bench repro clean
+# Python run by these targets caches the bytecode of what it imports (this machine sets
+# PYTHONDONTWRITEBYTECODE=1 for every process, which makes each start recompile whatever
+# `make setup` did not byte-compile ahead: see tools/bytecode.py).
+unexport PYTHONDONTWRITEBYTECODE
+
+.PHONY: setup lock lock-check bytecode-list system-deps demo down test test-unit test-integration lint format bench repro clean
 
 # Installs requirements.lock (every pin hashed; torch the CPU build) with uv, which pip bootstraps
 # from the lock; `make setup INSTALLER=pip` installs the same lock with pip alone (slower).
@@ -27,6 +32,11 @@ lock:
 
 lock-check:
 	VENV=$(VENV) tools/deps.sh lock-check
+
+# After `make lock` and `make setup`: re-record which site-packages directories setup byte-compiles
+# (tools/bytecode-dirs.txt; tests/unit/test_bytecode.py fails when scalelab imports from one it lacks).
+bytecode-list: setup
+	VENV=$(VENV) tools/deps.sh bytecode-list
 
 # Debian packages: the Fashion-MNIST dataset (benchmarks), Chromium (browser tests) and the compiled
 # HTTP load generators hey and wrk (serving benchmark and load tests).

@@ -2,11 +2,15 @@
 
 One run measures, side by side:
 - ``stream_vs_memory_train_ratio``: steady-state training images/s (after the epoch's first 5% of
-  steps) of ``msresnet_m`` on Fashion-MNIST in one Ray Train worker, streamed (Ray Data decodes on
-  the other core) / in memory, in the last of ``--ratio-epochs`` (2) epochs: an epoch whose reader
-  started during the previous epoch's evaluation, as every epoch but a run's first;
+  steps) of ``msresnet_m`` on Fashion-MNIST (the first ``--ratio-subset`` training images, so the
+  part fits ~10 min) in one Ray Train worker, streamed (Ray Data decodes on the other core) / in
+  memory, in the last of ``--ratio-epochs`` (2) epochs (an epoch whose reader started during the
+  previous epoch's evaluation, as every epoch but a run's first). ``--ratio-rounds`` (3) interleaved
+  pairs of runs (memory, stream, memory, stream, ...): the figure is the median of the per-round
+  ratios, ``stream_vs_memory_train_ratio_rounds`` lists them (their spread is the noise);
   ``stream_vs_memory_epoch_ratio``: the same over the whole epoch (what is left of the reader's
-  start-up included); ``first_epoch_*``: both for the first epoch (a fresh reader);
+  start-up included); ``first_epoch_stream_vs_memory_train_ratio_rounds``: each round's first epoch
+  (a fresh reader);
 - ``decode_augment_images_per_s_per_core``: the streaming path's Parquet read + decode (the
   shards keep the source JPEGs' bytes) + augment (uint8, in the Ray Data task) + normalise (per
   batch, in the consumer) of a generated 96 px dataset, all on one core, and
@@ -25,7 +29,9 @@ One run measures, side by side:
 - ``resume_repeated_samples`` / ``resume_skipped_samples``: a Ray Train worker of two killed mid-epoch
   right after a step checkpoint; the resumed epoch's sample ids against the epoch plan (goal 0, 0).
 
-    .venv/bin/python benchmarks/streaming.py            # ~10-15 min on 2 idle cores
+    .venv/bin/python benchmarks/streaming.py            # ~20-25 min on 2 idle cores
+    .venv/bin/python benchmarks/streaming.py --only ratio   # the ratio alone (~10 min), merged into
+                                                            # the existing results file
     .venv/bin/python benchmarks/streaming.py --quick    # tiny sizes, proves the script works;
                                                         # figures go to a temp folder, not results/
 
@@ -45,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, refuse_while_stack_runs, write_results  # noqa: E402
+from common import RESULTS, median, refuse_while_stack_runs, write_results  # noqa: E402
 from scalelab.config import load_recipe  # noqa: E402
 from scalelab.data.catalog import prepare  # noqa: E402
 
@@ -66,35 +72,73 @@ def train_images_per_s(recipe: str, overrides: list[str]) -> dict:
     return train_history(recipe, overrides)[-1]
 
 
-def stream_vs_memory(quick: bool, variant: str, epochs: int) -> dict:
+def fashion_subset(work: Path, train: int, test: int) -> Path:
+    """The first ``train`` Fashion-MNIST training images and ``test`` test images as an ``.npz``
+    (kind ``npz``: the recipe's splits, val taken from ``train``): a run short enough to repeat."""
+    from scalelab.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
+
+    root = Path(FASHION_MNIST_DIR)
+
+    def idx(name: str, n: int) -> np.ndarray:
+        return read_idx(next(root.glob(f"{name}*")))[:n]
+
+    path = work / "fashion-subset.npz"
+    np.savez(
+        path,
+        x=idx("train-images-idx3-ubyte", train),
+        y=idx("train-labels-idx1-ubyte", train).astype(np.int64),
+        x_test=idx("t10k-images-idx3-ubyte", test),
+        y_test=idx("t10k-labels-idx1-ubyte", test).astype(np.int64),
+        classes=np.asarray(FASHION_MNIST_CLASSES),
+    )
+    return path
+
+
+def stream_vs_memory(quick: bool, variant: str, epochs: int, rounds: int, subset: int, work: Path) -> dict:
+    """``rounds`` x (an in-memory run, then a streamed run) of the same model on the same data; each
+    round's ratio is its stream run's steady images/s over its memory run's, in the last epoch; the
+    figure is the median over rounds (interleaving spreads the machine's drifts over both paths)."""
     recipe = "digits.yaml" if quick else "fashion-mnist.yaml"
     common = [f"train.epochs={epochs}", "train.workers=1", "train.cpus_per_worker=1"]
     common += ["model.variant=msresnet_tiny"] if quick else [f"model.variant={variant}"]
-    stream = ["data.format=stream", f"data.name={recipe.split('.')[0]}_shards"]
+    data = ["data.name=digits"] if quick else []
+    if not quick:  # a Fashion-MNIST training subset (the official test split cut to 1,000 images)
+        npz = fashion_subset(work, subset, 1000)
+        data = ["data.kind=npz", f"data.source={npz}", "data.name=fashion-subset"]
+    stream = [*data[:-1], f"{data[-1]}_shards", "data.format=stream"]
+    memory = [*data, "data.format=memory"]
+    prepare(load_recipe(REPO / "pipelines" / recipe, memory).data)
     prepare(load_recipe(REPO / "pipelines" / recipe, stream).data)
-    memory_h = train_history(recipe, common + ["data.format=memory", "train.run_name=memory"])
-    stream_h = train_history(recipe, common + stream + ["train.run_name=stream"])
-    memory, streamed = memory_h[-1], stream_h[-1]
-    # the last epoch's figures (with --ratio-epochs >= 2: an epoch whose reader was started during
-    # the previous epoch's evaluation, as in every epoch but the first of a real run); steady state:
-    # after the epoch's first 5% of steps. The first epoch's figures (a fresh reader: decode
-    # workers and Ray Data's actors start inside it) are kept beside them.
-    first = {
-        "first_epoch_stream_vs_memory_train_ratio": (
-            stream_h[0]["steady_images_per_s"] / memory_h[0]["steady_images_per_s"]
-        ),
-        "first_epoch_stream_vs_memory_epoch_ratio": stream_h[0]["images_per_s"] / memory_h[0]["images_per_s"],
-    }
+    per_round, first, pairs = [], [], []
+    for r in range(rounds):
+        memory_h = train_history(recipe, common + memory + [f"train.run_name=memory{r}"])
+        stream_h = train_history(recipe, common + stream + [f"train.run_name=stream{r}"])
+        m, s = memory_h[-1], stream_h[-1]
+        pairs.append((m, s))
+        per_round.append(s["steady_images_per_s"] / m["steady_images_per_s"])
+        first.append(stream_h[0]["steady_images_per_s"] / memory_h[0]["steady_images_per_s"])
+        print(
+            f"round {r}: memory {m['steady_images_per_s']:.1f} img/s, stream "
+            f"{s['steady_images_per_s']:.1f} img/s, ratio {per_round[-1]:.3f}",
+            flush=True,
+        )
     return {
-        "stream_vs_memory_train_ratio": streamed["steady_images_per_s"] / memory["steady_images_per_s"],
-        "memory_train_images_per_s": memory["steady_images_per_s"],
-        "stream_train_images_per_s": streamed["steady_images_per_s"],
-        "stream_vs_memory_epoch_ratio": streamed["images_per_s"] / memory["images_per_s"],  # start-up in
-        "memory_epoch_images_per_s": memory["images_per_s"],
-        "stream_epoch_images_per_s": streamed["images_per_s"],
-        **first,
+        # steady state: after the epoch's first 5% of steps; with --ratio-epochs >= 2 the last epoch
+        # is one whose reader started during the previous epoch's evaluation (as every epoch but a
+        # run's first); the first epoch's ratios (a fresh reader) are kept beside them
+        "stream_vs_memory_train_ratio": median(per_round),
+        "stream_vs_memory_train_ratio_rounds": [round(x, 4) for x in per_round],
+        "stream_vs_memory_train_ratio_spread": max(per_round) - min(per_round),
+        "memory_train_images_per_s": median([m["steady_images_per_s"] for m, _ in pairs]),
+        "stream_train_images_per_s": median([s["steady_images_per_s"] for _, s in pairs]),
+        "stream_vs_memory_epoch_ratio": median([s["images_per_s"] / m["images_per_s"] for m, s in pairs]),
+        "memory_epoch_images_per_s": median([m["images_per_s"] for m, _ in pairs]),
+        "stream_epoch_images_per_s": median([s["images_per_s"] for _, s in pairs]),
+        "first_epoch_stream_vs_memory_train_ratio_rounds": [round(x, 4) for x in first],
+        "ratio_rounds": rounds,
         "ratio_epochs": epochs,
-        "ratio_dataset": recipe.split(".")[0],
+        "ratio_dataset": "digits" if quick else f"fashion-mnist (first {subset} training images)",
+        "ratio_train_images_per_epoch": round(pairs[0][0]["images_per_s"] * pairs[0][0]["epoch_seconds"]),
         "ratio_model_variant": "msresnet_tiny" if quick else variant,
     }
 
@@ -323,6 +367,24 @@ def main() -> None:
         default=2,
         help="epochs of each ratio run; the ratio is the last epoch's (first epoch's figures beside it)",
     )
+    ap.add_argument(
+        "--ratio-rounds",
+        type=int,
+        default=3,
+        help="interleaved (memory, stream) pairs; the ratio: their median",
+    )
+    ap.add_argument(
+        "--ratio-subset",
+        type=int,
+        default=6000,
+        help="Fashion-MNIST training images of the ratio runs (val is 10%% of them)",
+    )
+    ap.add_argument(
+        "--only",
+        choices=["all", "ratio"],
+        default="all",
+        help="ratio: only the stream/memory ratio, merged into the existing results file",
+    )
     ap.add_argument("--out", type=Path, default=None, help="results file (default: results/streaming.json)")
     args = ap.parse_args()
     if args.quick:
@@ -344,8 +406,19 @@ def main() -> None:
         connect_ray(num_cpus=os.cpu_count(), log_to_driver=False)
         figures: dict = {"quick": args.quick}
         try:
-            figures.update(stream_vs_memory(args.quick, args.ratio_variant, args.ratio_epochs))
+            figures.update(
+                stream_vs_memory(
+                    args.quick,
+                    args.ratio_variant,
+                    args.ratio_epochs,
+                    args.ratio_rounds,
+                    args.ratio_subset,
+                    work,
+                )
+            )
             print(json.dumps(figures), flush=True)
+            if args.only == "ratio":
+                return finish(args, figures, merge=True)
             folder = work / "jpegs"
             start = time.perf_counter()
             write_jpegs(folder, args.images, args.size)
@@ -359,7 +432,24 @@ def main() -> None:
             figures.update(resume_exactness(work))
         finally:
             ray.shutdown()
-    figures["command"] = " ".join(["python", "benchmarks/streaming.py", *sys.argv[1:]])
+    finish(args, figures)
+
+
+def finish(args: argparse.Namespace, figures: dict, merge: bool = False) -> None:
+    """Write the figures; ``merge``: over the existing file's (the parts not measured this time stay,
+    with the command that measured them)."""
+    command = " ".join(["python", "benchmarks/streaming.py", *sys.argv[1:]])
+    if merge and (args.out is not None or not args.quick):
+        path = args.out or RESULTS / "streaming.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old_command = old.pop("command", None)
+        for stale in ("first_epoch_stream_vs_memory_train_ratio", "first_epoch_stream_vs_memory_epoch_ratio"):
+            old.pop(stale, None)  # figures of the single-pair ratio this one replaced
+        figures = {**old, **figures, "ratio_command": command}
+        if old_command:
+            figures["command"] = old_command
+    else:
+        figures["command"] = command
     if args.quick:
         figures["note"] = "--quick: tiny sizes, the figures mean nothing"
     if args.out is not None or not args.quick:

@@ -3,6 +3,7 @@
 #   tools/deps.sh setup [pip]   install requirements.lock + scalelab (editable) into $VENV
 #   tools/deps.sh lock          re-resolve pyproject.toml into requirements.lock (keeps existing pins)
 #   tools/deps.sh lock-check    fail if requirements.lock no longer matches pyproject.toml
+#   tools/deps.sh bytecode-list re-record which site-packages directories setup byte-compiles
 # The lock is for CPython 3.11 on Linux x86_64, every pin with its sha256 hashes. torch is pinned to
 # the CPU build (2.13.0+cpu), which lies on this machine's disk (pip's find-links); PyPI's torch
 # 2.13.0 is a CUDA build with other hashes, so the lock refuses it rather than pull several GB.
@@ -69,11 +70,15 @@ case "${1:-}" in
       "$VENV/bin/uv" pip install -q --python "$PY" --require-hashes "${sources[@]}" -r "$LOCK"
       # The .pyc files pip writes at install, which uv leaves out: without them every import of
       # torch/ray/mlflow compiles from source (about 40 s here, at every start where
-      # PYTHONDONTWRITEBYTECODE is set, as on this machine). Not for the packages' own test suites,
-      # which nothing imports: a quarter of the compile time. A file that does not compile (a
-      # template, old syntax) is skipped, as pip skips it.
-      site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-      "$PY" -m compileall -qq -j 0 -x '/site-packages/(.+/)?tests?/' "$site" || true
+      # PYTHONDONTWRITEBYTECODE is set, as on this machine). Only the directories scalelab's
+      # processes import from (tools/bytecode-dirs.txt, `make bytecode-list`): a third of the CPU
+      # time of compiling all of site-packages. Without the list: all of it, less test suites.
+      if [[ -s tools/bytecode-dirs.txt ]]; then
+        "$PY" tools/bytecode.py compile tools/bytecode-dirs.txt
+      else
+        site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        "$PY" -m compileall -qq -j 0 -x '/site-packages/(.+/)?tests?/' "$site" || true
+      fi
       "$VENV/bin/uv" pip install -q --python "$PY" --no-deps --no-build-isolation -e .
     fi
     ;;
@@ -95,8 +100,11 @@ case "${1:-}" in
     fi
     echo "$LOCK matches pyproject.toml"
     ;;
+  bytecode-list)
+    "$PY" tools/bytecode.py list tools/bytecode-dirs.txt
+    ;;
   *)
-    echo "usage: tools/deps.sh setup [pip] | lock | lock-check" >&2
+    echo "usage: tools/deps.sh setup [pip] | lock | lock-check | bytecode-list" >&2
     exit 2
     ;;
 esac

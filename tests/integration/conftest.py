@@ -6,6 +6,7 @@ stopped by process id at the end. Tests get their own experiment / bucket names.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -17,6 +18,10 @@ from scalelab.cluster.services import start_mlflow_server, start_s3_server
 from scalelab.cluster.session import serve_ingress_env
 
 pytestmark = pytest.mark.integration
+
+# On a loaded 2-core CI host an `mlflow server` started by a test once took over the product's
+# default 120 s to answer /health (it passed in 10-20 s rerun idle): tests allow it longer.
+os.environ.setdefault("SCALELAB_MLFLOW_START_TIMEOUT_S", "300")
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +70,43 @@ def ray_session():
         address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False
     )
     yield ctx
+    _shutdown_and_reap(ray)
+
+
+def _shutdown_and_reap(ray) -> None:
+    """Stop Serve and the local Ray, then reap what outlived them.
+
+    ``ray.shutdown`` kills the raylet and GCS it started, but not every grandchild: a Ray Train
+    controller actor and the HAProxy that Serve's ingress spawns were seen running after the suite.
+    The tree is recorded first (orphans lose their ancestry once their parents die).
+    """
+    import psutil
+
+    me = psutil.Process()
+    ray_tree = [
+        p
+        for p in me.children(recursive=True)
+        if any(mark in " ".join(_cmdline(p)) for mark in ("ray::", "raylet", "gcs_server", "haproxy", "ray/"))
+    ]
+    from ray import serve
+
+    with contextlib.suppress(Exception):  # Serve never started, or already gone
+        serve.shutdown()
     ray.shutdown()
+    _, alive = psutil.wait_procs(ray_tree, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _cmdline(proc) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
 
 
 @pytest.fixture()

@@ -167,26 +167,3 @@ def test_detection_fit_streams_and_resumes_mid_epoch_exactly_once(tmp_path: Path
         ds.source, ds.meta["shards"]["train"], ROWS, seed=0, epoch=1, window=2, rank=0, world_size=1, batch=8
     )
     assert [i for r in before + after for i in r["ids"]] == planned  # every planned image once, in order
-
-
-def test_coco_source_prepares_into_shards_skipping_or_refusing_a_bad_image(tmp_path: Path, scenes):
-    """`scalelab data prepare` of a COCO source with data.format=stream: shards with boxes; an
-    unreadable image is refused naming it, or skipped and counted with data.on_bad_file=skip."""
-    from scalelab.data.catalog import prepare
-    from scalelab.data.scenes import write_coco
-
-    src = scenes.splits["train"]
-    ann = write_coco(src, scenes.classes, tmp_path / "coco")
-    (tmp_path / "coco" / "images" / "000003.png").write_bytes(b"not a png")
-    common = dict(kind="coco", source=str(ann), image_size=32, channels=1, format="stream")
-    common.update(data_dir=str(tmp_path / "data"), shard_mb=0.004, row_group_rows=ROWS)
-    with pytest.raises(DataError, match=r"cannot read image .*000003\.png.*data\.on_bad_file=skip"):
-        prepare(DataSpec(name="refused", **common))
-    assert not (tmp_path / "data" / "refused").exists()  # nothing half-written
-    root = prepare(DataSpec(name="coco", on_bad_file="skip", **common))
-    meta = json.loads((root / "metadata.json").read_text())
-    assert meta["format"] == "shards" and meta["task"] == "detection"
-    assert meta["source"]["skipped"] == ["000003.png"] and sum(meta["split_sizes"].values()) == len(src) - 1
-    ds = open_sharded(root)
-    boxes = sum(len(ds.splits[s].boxes) for s in ("train", "val", "test"))
-    assert boxes == len(src.boxes) - int((src.box_image_index == 3).sum())

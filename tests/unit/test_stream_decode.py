@@ -105,3 +105,25 @@ def test_fast_decode_names_a_corrupt_image():
     raws[1] = raws[1][:20]
     with pytest.raises(DataError, match=r"corrupt image \(sample id 11\) in shard val/shard-00003"):
         decode_augment(raws, np.array([10, 11, 12]), 3, None, [0], "val/shard-00003.parquet")
+
+
+def test_small_images_are_stored_raw_and_a_damaged_one_is_named():
+    from scalelab.data.shards import RAW_MAGIC, encode_sample
+
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)
+    raw, fmt = encode_sample(small)
+    assert fmt == "raw" and raw.startswith(RAW_MAGIC) and len(raw) == 28 * 28 + 15
+    assert np.array_equal(decode_image(raw, 1), small)
+    big = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)  # 6.9 KB of pixels: PNG, lossless
+    png, fmt = encode_sample(big)
+    assert fmt == "png" and np.array_equal(decode_image(png, 3), big)
+
+    flipped = bytearray(raw)
+    flipped[100] ^= 1  # one pixel bit: only the CRC can tell
+    ids = np.array([5, 6, 7])
+    for bad, why in ((bytes(flipped), "CRC-32"), (raw[:-1], "header says 28x28x1")):
+        with pytest.raises(DataError, match=rf"corrupt image \(sample id 6\) in shard train/s.*{why}"):
+            decode_augment([raw, bad, raw], ids, 1, None, [0], "train/s.parquet")
+    with pytest.raises(DataError, match=r"has 1 channel\(s\), the dataset 3"):
+        decode_augment([raw], ids[:1], 3, None, [0], "train/s.parquet")

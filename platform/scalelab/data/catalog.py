@@ -99,6 +99,16 @@ def _estimate_imagefolder_mb(spec: DataSpec) -> float:
     return len(files.paths) * train_share * size * size * (spec.channels or 3) / 1e6
 
 
+def _estimate_coco_mb(spec: DataSpec) -> float:
+    """Decoded size of a COCO dataset's train split, from its JSON alone (image count and sizes)."""
+    from scalelab.data.prepare_stream import list_coco
+
+    images = list_coco(spec).images
+    size = spec.image_size or max(max(int(im["height"]), int(im["width"])) for im in images)
+    train_share = 1 - spec.val_fraction - spec.test_fraction
+    return len(images) * train_share * size * size * (spec.channels or 3) / 1e6
+
+
 def prepare(spec: DataSpec) -> Path:
     """Materialise the dataset into ``data_dir/name``: arrays (memory) or Parquet shards (stream).
 
@@ -108,13 +118,17 @@ def prepare(spec: DataSpec) -> Path:
     from scalelab.data.shards import write_shards
 
     out = prepared_path(spec)
-    if spec.kind == "imagefolder" and spec.format != "memory":
-        fmt, reason = choose_format(spec, _estimate_imagefolder_mb(spec) if spec.format == "auto" else 0)
-        if fmt == "stream":
-            from scalelab.data.prepare_stream import prepare_imagefolder_shards
+    if spec.kind in ("imagefolder", "coco") and spec.format != "memory":  # parallel, on Ray, local or S3
+        from scalelab.data.prepare_stream import prepare_coco_shards, prepare_imagefolder_shards
 
+        estimate = _estimate_imagefolder_mb if spec.kind == "imagefolder" else _estimate_coco_mb
+        fmt, reason = choose_format(spec, estimate(spec) if spec.format == "auto" else 0)
+        if (spec.source or "").startswith("s3://") and fmt == "memory":  # the readers read local files
+            fmt, reason = "stream", "auto: an S3 source is prepared on Ray, in the stream format"
+        if fmt == "stream":
             log.warning("data format for %r: stream (%s)", spec.name, reason)
-            return _note_reason(prepare_imagefolder_shards(spec, out), reason)
+            shards = prepare_imagefolder_shards if spec.kind == "imagefolder" else prepare_coco_shards
+            return _note_reason(shards(spec, out), reason)
     ds = read_raw(spec)
     fmt, reason = choose_format(spec, ds.splits["train"].x.nbytes / 1e6)
     log.warning("data format for %r: %s (%s)", spec.name, fmt, reason)

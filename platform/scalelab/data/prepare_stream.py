@@ -9,6 +9,11 @@ chunks in flight: bounded memory) and prints images/s and an ETA.
 
 When ``image_size`` or ``channels`` is not given, a first pass reads every image to find the most
 common shorter side and whether any is colour (set both in the recipe to skip that pass).
+
+A COCO detection dataset (kind ``coco``: an annotations JSON, local or on S3, its images beside it)
+goes the same way: the driver reads the JSON and resolves each image's object, tasks letterbox and
+encode chunks of images with their boxes (scaled with the image), the driver writes detection
+shards (:class:`~scalelab.data.shards.DetectionShardWriter`).
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from scalelab.artifacts.preprocess import letterbox, to_channels
 from scalelab.config.specs import DataSpec
 from scalelab.data.dataset import SPLITS, stratified_split
-from scalelab.data.shards import FORMAT, ShardWriter, _finish, _start, encode_png
+from scalelab.data.scenes import coco_index
+from scalelab.data.shards import FORMAT, DetectionShardWriter, ShardWriter, _finish, _start, encode_png
 from scalelab.data.sources import IMAGE_SUFFIXES, _class_folders, _fit_square, _image_files, _open_image
 from scalelab.errors import DataError
 
@@ -310,5 +317,221 @@ def _prepare(spec: DataSpec, files: SourceFiles, out_dir: Path) -> Path:
         "format": FORMAT,
         "shards": index,
         "row_group_rows": spec.row_group_rows,
+    }
+    return _finish(tmp, out, meta)
+
+
+# ----------------------------------------------------------------------------- COCO detection
+
+
+@dataclass
+class CocoFiles:
+    """A COCO detection dataset's images: each image's file (None: not found), its annotations
+    (``[x, y, w, h]`` boxes, class indices) and the class names."""
+
+    where: str
+    images: list[dict[str, Any]]
+    paths: list[str | None]
+    boxes: list[list[list[float]]]
+    labels: list[list[int]]
+    classes: list[str]
+    filesystem: Any = None  # pyarrow S3FileSystem for s3:// sources, None for local files
+
+
+def list_coco(spec: DataSpec) -> CocoFiles:
+    """``data.source``: a COCO JSON, local or ``s3://bucket/prefix/annotations.json``; image
+    ``file_name``s resolve against its folder, or an ``images/`` folder beside it (as ``read_coco``)."""
+    if not spec.source:
+        raise DataError("kind 'coco' needs data.source: the path (or s3:// URL) of a COCO annotations JSON")
+    fs, where = None, spec.source
+    if spec.source.startswith("s3://"):
+        fs, raw, base, existing, where = _read_s3_coco(spec)
+        resolve = lambda name: next(  # noqa: E731
+            (p for p in (f"{base}/{name}", f"{base}/images/{name}") if p in existing), None
+        )
+    else:
+        path = Path(spec.source)
+        if not path.is_file():
+            raise DataError(f"COCO annotations file {path} does not exist")
+        raw, base = path.read_bytes(), path.parent
+        resolve = lambda name: next(  # noqa: E731
+            (str(p) for p in (base / name, base / "images" / name) if p.is_file()), None
+        )
+    images, by_image, cat_index, classes = coco_index(raw, where)
+    paths, boxes, labels = [], [], []
+    for im in images:
+        paths.append(resolve(im["file_name"]))
+        anns = by_image.get(im["id"], [])
+        boxes.append([[float(v) for v in a["bbox"]] for a in anns])
+        labels.append([cat_index[a["category_id"]] for a in anns])
+    return CocoFiles(where, images, paths, boxes, labels, classes, fs)
+
+
+def _read_s3_coco(spec: DataSpec) -> tuple[Any, bytes, str, set[str], str]:
+    """(filesystem, the JSON's bytes, its folder, every object path under that folder, where)."""
+    import pyarrow.fs
+
+    from scalelab.data.remote import s3_filesystem
+
+    fs, endpoint = s3_filesystem(spec.endpoint_url)
+    path = spec.source[len("s3://") :]
+    base = path.rsplit("/", 1)[0]
+    where = f"{spec.source} (S3 endpoint {endpoint or 'AWS'})"
+    try:
+        with fs.open_input_file(path) as f:
+            raw = f.read()
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True))
+    except FileNotFoundError as exc:
+        raise DataError(f"COCO annotations file {where} does not exist; fix data.source") from exc
+    except OSError as exc:
+        if "NO_SUCH_BUCKET" in str(exc):
+            raise DataError(f"{where}: bucket {path.split('/', 1)[0]!r} does not exist") from exc
+        raise DataError(f"cannot read {where}: {exc}. Check the endpoint, bucket and credentials") from exc
+    existing = {i.path for i in infos if i.type == pyarrow.fs.FileType.File}
+    return fs, raw, base, existing, where
+
+
+def encode_coco_chunk(
+    fs: Any,
+    paths: list[str],
+    ids: list[int],
+    boxes: list[list[list[float]]],
+    labels: list[list[int]],
+    size: int,
+    channels: int,
+    on_bad_file: str,
+) -> dict[str, Any]:
+    """Read, letterbox (as ``read_coco``: longer side to ``size``, padded right/bottom) and encode a
+    chunk of COCO images; rows ``(id, objects, bytes, boxes (K, 4) xyxy px, labels (K,))``, skipped
+    files and channel sums. An image already ``size`` square in the right mode keeps its bytes."""
+    rows, skipped, kept = [], [], 0
+    sums, sq, pixels = np.zeros(channels), np.zeros(channels), 0
+    mode = "RGB" if channels == 3 else "L"
+    for p, i, bxs, labs in zip(paths, ids, boxes, labels, strict=True):
+        try:
+            raw = _read_bytes(fs, p)
+            img = _open_coco_image(raw)
+            arr, scale = letterbox(to_channels(img, channels), size)
+            fmt = _as_is_format(raw, size, mode)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types
+            skipped.append(_bad(p, exc, on_bad_file))
+            continue
+        flat = arr.reshape(-1, channels).astype(np.float64) / 255.0
+        sums += flat.sum(0)
+        sq += (flat**2).sum(0)
+        pixels += len(flat)
+        kept_boxes = [(b, lab) for b, lab in zip(bxs, labs, strict=True) if b[2] > 0 and b[3] > 0]
+        xyxy = np.array(
+            [[x * scale, y * scale, (x + w) * scale, (y + h) * scale] for (x, y, w, h), _ in kept_boxes],
+            np.float32,
+        ).reshape(-1, 4)
+        box_labels = np.array([lab for _, lab in kept_boxes], np.int64)
+        rows.append((i, len(kept_boxes), raw if fmt else encode_png(arr), xyxy, box_labels))
+        kept += fmt is not None
+    return {"rows": rows, "skipped": skipped, "kept": kept, "sums": sums, "sq": sq, "pixels": pixels}
+
+
+def _open_coco_image(raw: bytes) -> np.ndarray:
+    """Decoded fully, as ``read_coco`` loads it: grey and RGB kept, anything else made RGB."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as im:
+        return np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+
+
+def prepare_coco_shards(spec: DataSpec, out_dir: str | Path) -> Path:
+    """``spec.source`` (a COCO JSON, local or on S3) -> detection shards in ``out_dir``, on Ray."""
+    import ray
+
+    from scalelab.cluster.session import connect_ray
+
+    files = list_coco(spec)
+    started = False if ray.is_initialized() else connect_ray()
+    try:
+        return _prepare_coco(spec, files, Path(out_dir))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _prepare_coco(spec: DataSpec, files: CocoFiles, out_dir: Path) -> Path:
+    """Splits as ``read_coco`` makes them (a seeded shuffle of the listed images: the same split
+    when no image is skipped); sample ids are the images' positions in the JSON."""
+    n = len(files.images)
+    size = spec.image_size or max(max(int(im["height"]), int(im["width"])) for im in files.images)
+    channels = spec.channels or 3
+    skipped: list[str] = []  # as the JSON names them (file_name)
+    names = {p: im["file_name"] for p, im in zip(files.paths, files.images, strict=True)}
+    for i, p in enumerate(files.paths):
+        if p is None:
+            name = files.images[i]["file_name"]
+            skipped.append(_bad(name, FileNotFoundError(f"not found beside {files.where}"), spec.on_bad_file))
+    order = np.random.default_rng(spec.split_seed).permutation(n)
+    n_test = max(1, round(spec.test_fraction * n))
+    n_val = round(spec.val_fraction * n)
+    parts = {"train": order[n_test + n_val :], "val": order[n_test : n_test + n_val], "test": order[:n_test]}
+    if not len(parts["train"]):
+        raise DataError(f"{files.where}: {n} images leave none for training after the val/test split")
+    out, tmp = _start(out_dir)
+    index: dict[str, list[dict[str, Any]]] = {}
+    stats, kept, max_boxes = [np.zeros(channels), np.zeros(channels), 0], 0, 0
+    progress = _Progress("prepare", n - len(skipped))
+    for name in SPLITS:
+        idx = np.sort(parts[name])
+        idx = idx[np.random.default_rng([spec.split_seed, SPLITS.index(name)]).permutation(len(idx))]
+        idx = np.asarray([i for i in idx if files.paths[i] is not None], np.int64)
+        writer = DetectionShardWriter(tmp, name, int(spec.shard_mb * 1e6), spec.row_group_rows)
+        chunks = [
+            (
+                files.filesystem,
+                [files.paths[i] for i in idx[c : c + CHUNK]],
+                idx[c : c + CHUNK].tolist(),
+                [files.boxes[i] for i in idx[c : c + CHUNK]],
+                [files.labels[i] for i in idx[c : c + CHUNK]],
+                size,
+                channels,
+                spec.on_bad_file,
+            )
+            for c in range(0, len(idx), CHUNK)
+        ]
+        for res in _run_chunks(encode_coco_chunk, chunks, progress):
+            for sample_id, count, image, boxes, labels in res["rows"]:
+                writer.add(sample_id, count, image, boxes, labels)
+                max_boxes = max(max_boxes, count)
+            skipped += [names[p] for p in res["skipped"]]
+            kept += res["kept"]
+            if name == "train":
+                stats = [stats[0] + res["sums"], stats[1] + res["sq"], stats[2] + res["pixels"]]
+        index[name] = writer.close()
+        if name == "train" and not index[name]:
+            raise DataError(f"the train split of {files.where} is empty after skipping unreadable images")
+    mean = stats[0] / max(stats[2], 1)
+    std = np.sqrt(np.maximum(stats[1] / max(stats[2], 1) - mean**2, 0))
+    meta = {
+        "name": spec.name,
+        "task": "detection",
+        "classes": files.classes,
+        "num_classes": len(files.classes),
+        "shape": [size, size, channels],
+        "image_size": int(size),
+        "channels": int(channels),
+        "mean": mean.round(6).tolist(),
+        "std": np.maximum(std, 1e-6).round(6).tolist(),
+        "hflip_ok": True,
+        "split_sizes": {k: sum(s["rows"] for s in v) for k, v in index.items()},
+        "source": {
+            "coco": files.where,
+            "image_size": int(size),
+            "files": n,
+            "skipped_count": len(skipped),
+            "skipped": sorted(skipped),
+            "kept_original_bytes": kept,
+        },
+        "format": FORMAT,
+        "shards": index,
+        "row_group_rows": spec.row_group_rows,
+        "max_boxes": max_boxes,
     }
     return _finish(tmp, out, meta)

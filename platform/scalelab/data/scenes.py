@@ -215,22 +215,15 @@ def read_coco(spec: DataSpec) -> Dataset:
     """
     if not spec.source:
         raise DataError("kind 'coco' needs data.source: the path of a COCO annotations JSON file")
+    if spec.source.startswith("s3://"):
+        raise DataError(
+            f"{spec.source}: a COCO dataset on S3 is prepared in the stream format only (in parallel on "
+            f"Ray); set data.format=stream or auto"
+        )
     path = Path(spec.source)
     if not path.is_file():
         raise DataError(f"COCO annotations file {path} does not exist")
-    try:
-        doc = json.loads(path.read_text())
-        images, anns, cats = doc["images"], doc.get("annotations", []), doc["categories"]
-    except (ValueError, KeyError) as e:
-        raise DataError(f"{path} is not COCO detection JSON (needs images, categories): {e}") from None
-    if not images or not cats:
-        raise DataError(f"{path} lists no images or no categories")
-    cats = sorted(cats, key=lambda c: c["id"])
-    cat_index = {c["id"]: i for i, c in enumerate(cats)}
-    by_image: dict[Any, list[dict]] = {}
-    for a in anns:
-        if not a.get("iscrowd", 0):
-            by_image.setdefault(a["image_id"], []).append(a)
+    images, by_image, cat_index, classes = coco_index(path.read_bytes(), str(path))
     size = spec.image_size or max(max(int(im["height"]), int(im["width"])) for im in images)
     channels = spec.channels or 3
     from scalelab.artifacts.preprocess import letterbox, to_channels
@@ -249,8 +242,6 @@ def read_coco(spec: DataSpec) -> Dataset:
         boxed, scale = letterbox(arr, size)
         xs.append(boxed)
         for a in by_image.get(im["id"], []):
-            if a["category_id"] not in cat_index:
-                raise DataError(f"{path}: annotation {a.get('id')} has unknown category {a['category_id']}")
             bx, by, bw, bh = (float(v) for v in a["bbox"])
             if bw <= 0 or bh <= 0:
                 continue
@@ -272,7 +263,7 @@ def read_coco(spec: DataSpec) -> Dataset:
     return Dataset(
         name=spec.name,
         splits=splits,
-        classes=[str(c["name"]) for c in cats],
+        classes=classes,
         task="detection",
         hflip_ok=True,
         source_report={
@@ -281,6 +272,28 @@ def read_coco(spec: DataSpec) -> Dataset:
             **({"skipped_count": len(skipped), "skipped": sorted(skipped)} if skipped else {}),
         },
     )
+
+
+def coco_index(raw: bytes, where: str) -> tuple[list[dict], dict[Any, list[dict]], dict[Any, int], list[str]]:
+    """A COCO detection JSON -> (images, non-crowd annotations by image id, category id -> 0..K-1 in
+    id order, class names); an annotation of an unknown category is refused."""
+    try:
+        doc = json.loads(raw)
+        images, anns, cats = doc["images"], doc.get("annotations", []), doc["categories"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{where} is not COCO detection JSON (needs images, categories): {e}") from None
+    if not images or not cats:
+        raise DataError(f"{where} lists no images or no categories")
+    cats = sorted(cats, key=lambda c: c["id"])
+    cat_index = {c["id"]: i for i, c in enumerate(cats)}
+    by_image: dict[Any, list[dict]] = {}
+    for a in anns:
+        if a.get("iscrowd", 0):
+            continue
+        if a["category_id"] not in cat_index:
+            raise DataError(f"{where}: annotation {a.get('id')} has unknown category {a['category_id']}")
+        by_image.setdefault(a["image_id"], []).append(a)
+    return images, by_image, cat_index, [str(c["name"]) for c in cats]
 
 
 def subset(x, boxes, labels, owners, idx: np.ndarray) -> Split:

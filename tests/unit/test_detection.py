@@ -18,7 +18,7 @@ from scalelab.data import read_prepared, read_raw, write_prepared
 from scalelab.data.dataset import Split
 from scalelab.data.scenes import write_coco
 from scalelab.errors import ConfigError, DataError
-from scalelab.models import count_params, create_model, list_models
+from scalelab.models import count_flops, count_params, create_model, list_models
 from scalelab.models.detection import batched_nms, box_iou, build_detector, decode, nms
 from scalelab.models.detection_loss import BoxTargets, encode_targets
 
@@ -174,6 +174,38 @@ def test_fpn_levels_and_width_are_configurable():
     assert count_params(wide) > count_params(
         create_model("msdet_s", in_chans=1, num_classes=3, image_size=64)
     )
+
+
+def test_fpn_weighted_fusion_learns_one_pair_of_weights_per_merge():
+    torch.manual_seed(0)
+    plain = create_model("msdet_s", in_chans=1, num_classes=3, image_size=64)
+    fused = create_model("msdet_s", in_chans=1, num_classes=3, image_size=64, fpn_fusion="weighted")
+    assert plain.fpn.fusion_logits is None
+    assert fused.fpn.fusion_logits.shape == (2, 2)  # 3 levels: 2 top-down merges x [lateral, coarser]
+    assert count_params(fused) == count_params(plain) + 4
+    heat, ltrb = fused(torch.randn(2, 1, 64, 64))
+    assert heat.shape == (2, 3, 16, 16) and ltrb.shape == (2, 4, 16, 16)
+    (heat.sum() + ltrb.sum()).backward()
+    grad = fused.fpn.fusion_logits.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    one_level = create_model(
+        "msdet_s", in_chans=1, num_classes=3, image_size=64, fpn_fusion="weighted", fpn_levels=[0]
+    )
+    assert one_level.fpn.fusion_logits is None  # nothing to merge: no unused parameter for DDP
+    with pytest.raises(ValueError, match="fpn_fusion"):
+        ModelSpec(variant="msdet_s", fpn_fusion="max")
+
+
+def test_split_dilation_and_weighted_fusion_keep_the_detection_pair_matched():
+    ms = create_model(
+        "msdet_s", in_chans=1, num_classes=10, image_size=64, split_dilation=True, fpn_fusion="weighted"
+    )
+    base = create_model("det_s_baseline", in_chans=1, num_classes=10, image_size=64, fpn_fusion="weighted")
+    assert abs(count_params(ms) - count_params(base)) / count_params(ms) < 0.03
+    flops_ms, flops_base = count_flops(ms, 1, 64), count_flops(base, 1, 64)
+    assert abs(flops_ms - flops_base) / flops_ms < 0.03
+    dilations = {m.dilation for m in ms.backbone.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert dilations == {(1, 1), (2, 2), (3, 3)}  # the backbone's splits are dilated
 
 
 def test_detection_baseline_matches_parameters():

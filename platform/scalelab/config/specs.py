@@ -90,6 +90,12 @@ class ModelSpec(_Spec):
     fpn_levels: list[int] = Field(
         [0, 1, 2], description="Detection: backbone stages (indices) feeding the FPN."
     )
+    fpn_fusion: Literal["sum", "weighted"] = Field(
+        "sum",
+        description="Detection: how the FPN's top-down path merges a level with the upsampled coarser "
+        "one. 'sum': plain addition; 'weighted': learned softmax weights per merge (two scalars, "
+        "starting equal; EfficientDet's weighted fusion, the FPN's analogue of head: weighted).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -30,12 +30,22 @@ class FPN(nn.Module):
 
     Lateral 1x1 convs bring each stage (channels from ``feature_info``) to ``width``; each coarser
     map is upsampled to the next finer one's size and added; a 3x3 conv smooths the finest sum.
+    ``fusion="weighted"``: each merge is a learned convex combination instead of a sum (softmax over
+    two scalars per merge, zero at start: equal halves), so training can lean the finest map on the
+    fine lateral (small objects) or on the coarser context.
     """
 
-    def __init__(self, feature_info: list[dict[str, Any]], levels: list[int], width: int) -> None:
+    def __init__(
+        self, feature_info: list[dict[str, Any]], levels: list[int], width: int, fusion: str = "sum"
+    ) -> None:
         super().__init__()
         self.levels = sorted(set(levels))  # stage indices into feature_info, >= 0
         self.lateral = nn.ModuleList(nn.Conv2d(feature_info[i]["num_chs"], width, 1) for i in self.levels)
+        merges = len(self.levels) - 1
+        # (merges, 2) logits: [lateral, upsampled coarser]; None with one level or plain sums
+        self.fusion_logits = (
+            nn.Parameter(torch.zeros(merges, 2)) if fusion == "weighted" and merges > 0 else None
+        )
         self.smooth = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
         )
@@ -47,9 +57,14 @@ class FPN(nn.Module):
             conv(feats[i]) for conv, i in zip(self.lateral, self.levels, strict=True)
         ]  # each (B, W, H_i, W_i)
         top = laterals[-1]
-        for lat in reversed(laterals[:-1]):
+        for j, lat in enumerate(reversed(laterals[:-1])):
             # size=, not scale_factor=2: odd sizes round up at each stride-2 stage
-            top = lat + F.interpolate(top, size=lat.shape[-2:], mode="nearest")
+            up = F.interpolate(top, size=lat.shape[-2:], mode="nearest")
+            if self.fusion_logits is None:
+                top = lat + up
+            else:
+                w = self.fusion_logits[j].softmax(0)  # (2,): [lateral, coarser]
+                top = w[0] * lat + w[1] * up
         return self.smooth(top)  # (B, width, H / reduction, W / reduction)
 
 
@@ -104,7 +119,7 @@ class Detector(nn.Module):
         self.backbone.head = nn.Identity()
         self.backbone.stages = self.backbone.stages[: levels[-1] + 1]
         self.feature_info = self.backbone.feature_info[: levels[-1] + 1]
-        self.fpn = FPN(self.feature_info, levels, spec.fpn_width)
+        self.fpn = FPN(self.feature_info, levels, spec.fpn_width, spec.fpn_fusion)
         self.stride = self.fpn.reduction
         self.head = CenterHead(spec.fpn_width, num_classes, self.stride)
         self.decode_config = DecodeConfig()

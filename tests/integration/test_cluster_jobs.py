@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from scalelab.cluster.services import session_members
+
 REPO = Path(__file__).resolve().parents[2]
 SCALELAB = [sys.executable, "-m", "scalelab.cli"]
 pytestmark = pytest.mark.integration
@@ -263,8 +265,13 @@ def test_down_leaves_nothing_running(cluster):
     names = sorted(s["name"] for s in stack["services"])
     assert {"ray", "s3", "ray-worker-0", "ray-worker-1"} <= set(names), names
     assert all(alive(p) for p in pids)
+    spawned = {p: session_members(p) for p in pids}  # raylet, GCS, workers, Serve's HAProxy, ...
+    head = next(s["pid"] for s in stack["services"] if s["name"] == "ray")
+    assert spawned[head], "the head's session should hold its raylet and GCS"
     out = sh(["down"], root).stdout
     assert out.count("stopped") == len(pids)
     time.sleep(1)
     assert not any(alive(p) for p in pids)
+    left = {p: session_members(p) for p in pids if session_members(p)}
+    assert not left, f"processes the stack started outlived `down`: {left}"
     assert not (root / ".scalelab/stack.json").exists()

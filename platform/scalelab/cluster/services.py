@@ -49,22 +49,43 @@ class Service:
             return True
 
     def stop(self, timeout: float | None = None) -> None:
-        """Terminate the process group we started (the server and its workers), then reap.
+        """Terminate the session we started (the server, its workers, and what they spawned in
+        process groups of their own, e.g. the HAProxy of Ray Serve's ingress), then reap.
         ``timeout`` (default ``SCALELAB_SERVICE_STOP_TIMEOUT_S``): the wait before SIGKILL."""
         timeout = timeout or runtime_settings().service_stop_timeout_s
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
+            members = session_members(self.pid)
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                return
+            for pid in members:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
             deadline = time.time() + timeout
-            while time.time() < deadline and self.alive():
+            while time.time() < deadline and (self.alive() or session_members(self.pid)):
                 time.sleep(0.1)
-            if not self.alive():
+            if not self.alive() and not session_members(self.pid):
                 return
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes (not zombies) of session ``sid``, other than its leader ``sid`` itself.
+    Services start in a session of their own, so this is everything they left running, whatever
+    process group or parent it has now."""
+    import psutil
+
+    members = []
+    for pid in psutil.pids():
+        if pid == sid:
+            continue
+        try:
+            if os.getsid(pid) == sid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                members.append(pid)
+        except (OSError, psutil.Error):
+            continue  # gone meanwhile
+    return members
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: str = "") -> None:

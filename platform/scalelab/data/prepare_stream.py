@@ -228,14 +228,19 @@ class _Progress:
 
 def prepare_imagefolder_shards(spec: DataSpec, out_dir: str | Path) -> Path:
     """``spec.source`` (local folder or s3:// prefix) -> shards in ``out_dir``, on Ray."""
+    return _on_ray(_prepare, spec, list_source(spec), Path(out_dir))
+
+
+def _on_ray(prepare, spec: DataSpec, files, out_dir: Path) -> Path:
+    """``prepare(spec, files, out_dir)`` on the connected Ray, or on a local one started (and
+    stopped) for it."""
     import ray
 
     from scalelab.cluster.session import connect_ray
 
-    files = list_source(spec)
     started = False if ray.is_initialized() else connect_ray()
     try:
-        return _prepare(spec, files, Path(out_dir))
+        return prepare(spec, files, out_dir)
     finally:
         if started:
             ray.shutdown()
@@ -443,17 +448,7 @@ def _open_coco_image(raw: bytes) -> np.ndarray:
 
 def prepare_coco_shards(spec: DataSpec, out_dir: str | Path) -> Path:
     """``spec.source`` (a COCO JSON, local or on S3) -> detection shards in ``out_dir``, on Ray."""
-    import ray
-
-    from scalelab.cluster.session import connect_ray
-
-    files = list_coco(spec)
-    started = False if ray.is_initialized() else connect_ray()
-    try:
-        return _prepare_coco(spec, files, Path(out_dir))
-    finally:
-        if started:
-            ray.shutdown()
+    return _on_ray(_prepare_coco, spec, list_coco(spec), Path(out_dir))
 
 
 def _prepare_coco(spec: DataSpec, files: CocoFiles, out_dir: Path) -> Path:

@@ -197,6 +197,20 @@ def test_rows_sort_by_metric_and_best_prefers_full_budget():
     assert pick_best(rows[:1], "val_acc", "max")["trial_id"] == "a"
 
 
+def test_ties_on_the_metric_go_to_the_lower_val_loss():
+    rows = [
+        {"trial_id": "a", "status": "completed", "val_acc": 1.0, "val_loss": 0.40},
+        {"trial_id": "b", "status": "completed", "val_acc": 1.0, "val_loss": 0.21},
+        {"trial_id": "c", "status": "completed", "val_acc": 1.0},  # no loss reported: after those with one
+        {"trial_id": "d", "status": "completed", "val_acc": 0.99, "val_loss": 0.01},  # the metric comes first
+    ]
+    assert [r["trial_id"] for r in sort_rows(rows, "val_acc", "max")] == ["b", "a", "c", "d"]
+    assert pick_best(rows, "val_acc", "max")["trial_id"] == "b"
+    # ranking by the loss itself: no second loss tie-break, ids stay the last key
+    by_loss = sort_rows([{**r, "val_loss": 0.3} for r in rows], "val_loss", "min")
+    assert [r["trial_id"] for r in by_loss] == ["a", "b", "c", "d"]
+
+
 def test_trial_base_checkpoints_at_asha_rungs_and_uses_channels_last_on_cpu(tmp_path):
     """Trials checkpoint every grace_period epochs under ASHA (every rung is a multiple of it; fit
     always checkpoints the last epoch), and train channels_last on CPU unless the recipe says."""

@@ -384,6 +384,7 @@ def _require_worker_mode() -> None:
 
 def _rows(spec: RecipeSpec, grid, search_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One row per trial (from Tune's results + trials.json) and one per pruned config."""
+    from scalelab.tune.report import TIE_BREAK
     from scalelab.tune.tracking import TrackingState
 
     search = spec.search
@@ -403,6 +404,7 @@ def _rows(spec: RecipeSpec, grid, search_dir: Path) -> tuple[list[dict[str, Any]
                 "trial_id": trial_id,
                 "status": status,
                 search.metric: metrics.get(search.metric),
+                **({TIE_BREAK: metrics[TIE_BREAK]} if TIE_BREAK in metrics and search.metric != TIE_BREAK else {}),
                 "epochs": metrics.get("epoch", rec.get("epochs")),
                 "params": metrics.get("params") or cost.get("params"),
                 "flops": cost.get("flops"),

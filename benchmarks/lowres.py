@@ -220,6 +220,13 @@ def main() -> None:
         help="ModelSpec fields for the multi-scale model; its partners get the same, except "
         f"{sorted(MULTISCALE_ONLY)} (no meaning at scales=1), then are width-matched",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default=None,
+        help="train.precision (default: the recipe's auto: bf16 on a CPU with native bf16, fp32 elsewhere); "
+        "recorded in each run line",
+    )
     parser.add_argument("--note", default=None, help="a note on the budget, kept in the summary")
     parser.add_argument(
         "--summarise-only",
@@ -259,7 +266,9 @@ def main() -> None:
         "lr": args.lr,
         "multiscale_overrides": parse_overrides(args.multiscale_overrides),
     }
-    train = {"batch_size": args.batch_size, "lr": args.lr}
+    train = {"batch_size": args.batch_size, "lr": args.lr, "precision": args.precision}
+    if args.precision:
+        setup["precision"] = args.precision
     log = RESULTS / f"{args.name}_runs.jsonl"
     if args.summarise_only:
         runs = [r for r in map(json.loads, log.read_text().splitlines()) if _same(r, setup)]
@@ -295,7 +304,9 @@ def main() -> None:
 
 
 def _same(run: dict, setup: dict) -> bool:
-    return all(run.get(k) == v for k, v in setup.items())
+    # lines written before --precision existed carry no precision: they ran at the recipe's 'auto'
+    # (fp32 on the AVX2-only host of session 25), so they match whatever precision is asked
+    return all(run.get(k) == v for k, v in setup.items() if not (k == "precision" and k not in run))
 
 
 def write_atomic(name: str, figures: dict) -> None:

@@ -3,7 +3,7 @@
 Also checks that bf16 autocast + channels_last (selected automatically on CPUs with native bf16)
 keeps accuracy, and reports model FLOPs utilisation against the measured bf16 conv peak.
 
-    .venv/bin/python benchmarks/digits.py [--seeds 0 1 2] [--epochs 40]
+    .venv/bin/python benchmarks/digits.py [--seeds 0 1 2] [--epochs N]   # N: the recipe's (15)
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ def main() -> None:
     refuse_while_stack_runs()
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the recipe's train.epochs")
     args = ap.parse_args()
+    recipe = load_recipe(REPO / "pipelines" / "digits.yaml")
+    args.epochs = args.epochs or recipe.train.epochs
     torch.set_num_threads(2)
     data_dir = tempfile.mkdtemp(prefix="bench-digits-")
     rows: dict[str, list[dict]] = {"multi": [], "base": [], "multi_fp32": []}
@@ -103,7 +105,9 @@ def main() -> None:
         "conv_peak_bf16_gflops": round(peak_bf16, 1),
         "mfu_vs_bf16_conv_peak": round(train_flops_per_s / 1e9 / peak_bf16, 4),
         "recipe": "pipelines/digits.yaml (model.variant, train.seed, train.precision varied)",
-        "label_smoothing": load_recipe(REPO / "pipelines" / "digits.yaml").train.label_smoothing,
+        "label_smoothing": recipe.train.label_smoothing,
+        "batch_size": recipe.train.batch_size,
+        "lr": recipe.train.lr,
     }
     write_results("digits", figures)
 

@@ -16,16 +16,19 @@ One run measures, side by side:
   batch, in the consumer) of a generated 96 px dataset, all on one core, and
   ``pil_decode_images_per_s_per_core``: PIL alone decoding the same source JPEG files on one core
   (the ceiling);
-- a large generated dataset (``--images`` 96 px JPEGs, decoded ``dataset_decoded_mb`` >= 4x
-  ``worker_memory_cap_mb``, the memory a worker may spend on data: ``data.memory_budget_mb``):
-  ``prepare_images_per_s`` (folder -> shards on Ray), ``train_images_per_s``, and the Ray Train
-  worker's memory while it trains: ``worker_private_growth_mb`` (goal <= the cap: private memory,
-  ``RssAnon``, sampled peak minus its level once warm: what the data added), beside
-  ``worker_private_baseline_mb`` (a Ray Train worker with torch and a model, before data: ~0.5 GB,
-  which is why the cap is on the growth and the worker reserves ``worker_memory_reserved_mb`` =
-  ``--worker-baseline-mb`` + cap as its Ray memory resource), ``peak_worker_shmem_mb`` (Ray
-  object-store pages mapped zero-copy, shared, bounded by ``object_store_limit_mb``:
-  ``data.stream_object_store_mb``) and ``peak_worker_rss_mb`` (all of it, as the kernel counts);
+- a large generated dataset (``--images`` 96 px JPEGs): ``prepare_images_per_s`` (folder -> shards
+  on Ray), ``train_images_per_s`` (one epoch streamed in one Ray Train worker), and that worker's
+  memory against its cap. ``worker_memory_cap_mb`` is the whole worker's Ray ``memory`` reservation
+  (``train.memory_per_worker_mb`` = ``--worker-baseline-mb``, what torch, Ray and the model take
+  before any data, ~0.45-0.5 GB, + ``--data-budget-mb``, what the worker may spend on data:
+  ``data.memory_budget_mb``). Goals: ``dataset_decoded_mb`` >= 4x ``worker_memory_cap_mb``
+  (``dataset_to_cap``) and ``peak_worker_rss_mb`` (all of the worker's resident memory as the kernel
+  counts it, shared object-store pages included: the kernel's high-water mark from the epoch's
+  first 5% of steps on) <= ``worker_memory_cap_mb``
+  (``peak_worker_rss_within_cap``). Beside them: ``worker_private_growth_mb`` (private memory,
+  ``RssAnon``, sampled peak minus its level once warm: what the data added; goal <= the data budget),
+  ``worker_private_baseline_mb``, ``peak_worker_shmem_mb`` (Ray object-store pages mapped zero-copy,
+  bounded by ``object_store_limit_mb``: ``data.stream_object_store_mb``) and ``dataset_to_data_budget``;
 - ``resume_repeated_samples`` / ``resume_skipped_samples``: a Ray Train worker of two killed mid-epoch
   right after a step checkpoint; the resumed epoch's sample ids against the epoch plan (goal 0, 0).
 
@@ -248,15 +251,19 @@ def large_dataset(folder: Path, n: int, size: int, cap_mb: int, baseline_mb: int
     return {
         "dataset_images": n,
         "dataset_decoded_mb": decoded_mb,
-        "worker_memory_cap_mb": cap_mb,
-        "dataset_to_cap": decoded_mb / cap_mb,
+        "worker_memory_cap_mb": baseline_mb + cap_mb,
+        "dataset_to_cap": decoded_mb / (baseline_mb + cap_mb),
+        "peak_worker_rss_mb": epoch.get("peak_rss_mb"),
+        "peak_worker_rss_within_cap": bool(
+            epoch.get("peak_rss_mb") is not None and epoch["peak_rss_mb"] <= baseline_mb + cap_mb
+        ),
+        "worker_data_budget_mb": cap_mb,
+        "dataset_to_data_budget": decoded_mb / cap_mb,
         "worker_private_growth_mb": epoch.get("rss_anon_growth_mb"),
         "worker_private_baseline_mb": epoch.get("rss_anon_warm_mb"),
         "peak_worker_private_mb": epoch.get("peak_rss_anon_mb"),
-        "worker_memory_reserved_mb": baseline_mb + cap_mb,
         "peak_worker_shmem_mb": epoch.get("peak_rss_shmem_mb"),
         "object_store_limit_mb": store_mb,
-        "peak_worker_rss_mb": epoch.get("peak_rss_mb"),
         "worker_rss_growth_mb": epoch.get("rss_growth_mb"),
         "worker_rss_anon_mb_at_end": epoch.get("rss_anon_mb"),
         "worker_rss_shmem_mb_at_end": epoch.get("rss_shmem_mb"),
@@ -338,7 +345,9 @@ def main() -> None:
     )
     ap.add_argument("--size", type=int, default=96, help="their side in pixels")
     ap.add_argument(
+        "--data-budget-mb",
         "--cap-mb",
+        dest="cap_mb",
         type=int,
         default=1024,
         help="what a worker may spend on data (data.memory_budget_mb; goal: its private memory grows less)",

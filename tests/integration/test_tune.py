@@ -71,10 +71,14 @@ def test_search_tracks_trials_and_writes_a_best_recipe_that_trains(workdir, ray_
 
     trials = [r for r in outcome.rows if r["status"] != "pruned"]
     assert len(trials) == 4 and {r["status"] for r in trials} <= {"completed", "stopped"}
-    accs = [r["val_acc"] for r in outcome.rows]
-    assert accs == sorted(accs, reverse=True)
+    # the recipe's own ranking (digits: val_loss, lowest first), with val_acc kept beside it
+    metric, mode = spec.search.metric, spec.search.mode
+    assert (metric, mode) == ("val_loss", "min")
+    values = [r[metric] for r in outcome.rows]
+    assert values == sorted(values) and all(0 <= r["val_acc"] <= 1 for r in trials)
     csv_lines = (outcome.search_dir / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 5 and csv_lines[0].startswith("rank,trial_id,status,val_acc")
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("rank,trial_id,status,val_loss")
+    assert "val_acc" in csv_lines[0].split(",")
     assert outcome.best is not None and outcome.best["status"] == "completed"
     assert outcome.test_acc is not None and 0 <= outcome.test_acc <= 1
     # model.scales is searched: search.match defaults to params, every trial within 5% of the base

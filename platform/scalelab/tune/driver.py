@@ -384,7 +384,7 @@ def _require_worker_mode() -> None:
 
 def _rows(spec: RecipeSpec, grid, search_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One row per trial (from Tune's results + trials.json) and one per pruned config."""
-    from scalelab.tune.report import TIE_BREAK
+    from scalelab.tune.report import SHOWN_METRICS
     from scalelab.tune.tracking import TrackingState
 
     search = spec.search
@@ -404,7 +404,8 @@ def _rows(spec: RecipeSpec, grid, search_dir: Path) -> tuple[list[dict[str, Any]
                 "trial_id": trial_id,
                 "status": status,
                 search.metric: metrics.get(search.metric),
-                **({TIE_BREAK: metrics[TIE_BREAK]} if TIE_BREAK in metrics and search.metric != TIE_BREAK else {}),
+                # both validation figures when reported: one ranks, the other breaks ties and is shown
+                **{k: metrics[k] for k in SHOWN_METRICS if k in metrics and k != search.metric},
                 "epochs": metrics.get("epoch", rec.get("epochs")),
                 "params": metrics.get("params") or cost.get("params"),
                 "flops": cost.get("flops"),

@@ -14,6 +14,7 @@ STATUS_ORDER = {"completed": 0, "stopped": 1, "running": 2, "error": 3, "pruned"
 
 
 TIE_BREAK = "val_loss"
+SHOWN_METRICS = ("val_acc", "val_loss")  # kept in every row (and results.csv) beside the search metric
 
 
 def _number(value: Any) -> float | None:
@@ -209,6 +210,13 @@ def summary_table(
         "trial": lambda rank, r: r["trial_id"],
         "status": lambda rank, r: f"[{colours.get(r['status'], 'white')}]{r['status']}[/]",
         metric: lambda rank, r: f"{r[metric]:.4f}" if isinstance(r.get(metric), (int, float)) else "-",
+        **{  # the other validation figure beside the one that ranks (val_acc next to val_loss)
+            other: lambda rank, r, other=other: (
+                f"{r[other]:.4f}" if isinstance(r.get(other), (int, float)) else "-"
+            )
+            for other in SHOWN_METRICS
+            if other != metric and any(other in r for r in rows)
+        },
         "epochs": lambda rank, r: str(r.get("epochs") or "-"),
         "params": lambda rank, r: f"{r['params']:,}" if r.get("params") else "-",
         "startup s": lambda rank, r: (

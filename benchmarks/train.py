@@ -1,6 +1,6 @@
 """Ray Train vs the bare loop, time to the first step, 2 workers vs 1 — side by side in one run.
 
-    .venv/bin/python benchmarks/train.py            # writes benchmarks/results/train.json
+    .venv/bin/python benchmarks/train.py [--rounds N]   # writes benchmarks/results/train.json (3 rounds)
 
 Figures (digits, the default recipe's msresnet_s, fp32/bf16 as `precision: auto` picks):
 - ``ray_vs_bare_throughput_ratio``: steady-state training images/s (median over epochs 2..N) of
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import machine, refuse_while_stack_runs, write_results  # noqa: E402
 
 EPOCHS = 6
-ROUNDS = 3
+ROUNDS = 3  # `--rounds N` for more: the 2-thread ratio's rounds spread by +-3% on an idle host
 BASE = [
     "model.variant=msresnet_s",
     f"train.epochs={EPOCHS}",
@@ -156,7 +156,7 @@ def first_step(workdir: Path, env: dict, label: str, workers: int = 1) -> dict:
     }
 
 
-def main() -> None:
+def main(rounds_wanted: int = ROUNDS) -> None:
     refuse_while_stack_runs()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -203,7 +203,7 @@ def main() -> None:
 
         ray.init(address=addresses["ray_address"], log_to_driver=False)
         rounds: list[dict] = []
-        for i in range(ROUNDS):
+        for i in range(rounds_wanted):
             r = {"bare_1thread": bare(1), "ray_1worker_1cpu": on_ray(1, 1, f"tp-1x1-{i}")}
             r["ray_1worker_2cpu"] = on_ray(1, 2, f"tp-1x2-{i}")
             r["ray_2workers_1cpu"] = on_ray(2, 1, f"tp-2x1-{i}")
@@ -217,9 +217,14 @@ def main() -> None:
     def ratio(a: str, b: str, key: str = "images_per_s") -> float:
         return round(statistics.median(r[a][key] / r[b][key] for r in rounds), 3)
 
+    def per_round(a: str, b: str) -> list[float]:
+        return [round(r[a]["images_per_s"] / r[b]["images_per_s"], 3) for r in rounds]
+
     out.update(
         ray_vs_bare_throughput_ratio=ratio("ray_1worker_1cpu", "bare_1thread"),
         ray_vs_bare_throughput_ratio_2threads=ratio("ray_1worker_2cpu", "bare_2threads"),
+        ray_vs_bare_throughput_ratio_rounds=per_round("ray_1worker_1cpu", "bare_1thread"),
+        ray_vs_bare_throughput_ratio_2threads_rounds=per_round("ray_1worker_2cpu", "bare_2threads"),
         ray_vs_bare_epoch_wall_ratio=ratio("ray_1worker_1cpu", "bare_1thread", "epoch_wall_images_per_s"),
         seconds_to_first_step=round(cold["seconds_to_first_step"], 2),
         seconds_to_first_step_warm_cluster=round(warm["seconds_to_first_step"], 2),
@@ -237,7 +242,7 @@ def main() -> None:
             for r in rounds
         ],
         setup=f"digits, msresnet_s, batch 128 (global), {EPOCHS} epochs, steady state = median of "
-        f"epochs 2..N; {ROUNDS} rounds, median of per-round ratios; checkpoint every epoch on local "
+        f"epochs 2..N; {rounds_wanted} rounds, median of per-round ratios; checkpoint every epoch on local "
         f"disk; tracking off for the throughput runs",
         load_average_at_end=os.getloadavg()[0],
     )
@@ -249,5 +254,7 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--bare"]:
         print(json.dumps(bare_in_process(int(sys.argv[2]))))
+    elif sys.argv[1:2] == ["--rounds"]:
+        main(int(sys.argv[2]))
     else:
         main()

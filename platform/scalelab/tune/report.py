@@ -97,8 +97,10 @@ def plot_search(
     ran = [r for r in rows if isinstance(r.get(metric), (int, float)) and r.get("params")]
     if not ran:
         return []
+    # the accuracy plot shows accuracy even where the search ranks on something else (val_loss)
+    shown = "val_acc" if all(isinstance(r.get("val_acc"), (int, float)) for r in ran) else metric
     return [
-        _plot_accuracy_vs_params(ran, metric, out_dir / "accuracy_vs_params.png"),
+        _plot_accuracy_vs_params(ran, shown, out_dir / "accuracy_vs_params.png"),
         _plot_parallel_coordinates(ran, space, metric, out_dir / "parallel_coordinates.png"),
     ]
 

@@ -296,14 +296,39 @@ def _prepare(spec: DataSpec, files: SourceFiles, out_dir: Path) -> Path:
         index[name] = writer.close()
         if not index[name]:
             raise DataError(f"the {name} split of {files.where} is empty after skipping unreadable files")
+    rel = [p[len(files.where.rstrip("/")) + 1 :] if p.startswith(files.where) else p for p in skipped]
+    source = {
+        "files": n,
+        "skipped_count": len(skipped),
+        "skipped": sorted(rel),
+        "image_size": int(size),
+        "kept_original_bytes": kept,
+        "reencoded_png": n - len(skipped) - kept,
+    }
+    meta = shard_metadata(spec, "classification", files.classes, size, channels, stats, index, source)
+    return _finish(tmp, out, meta)
+
+
+def shard_metadata(
+    spec: DataSpec,
+    task: str,
+    classes: list[str],
+    size: int,
+    channels: int,
+    stats: list,
+    index: dict[str, list[dict[str, Any]]],
+    source: dict[str, Any],
+) -> dict[str, Any]:
+    """``metadata.json`` of a sharded dataset prepared on Ray (image folder or COCO): the per-channel
+    mean/std from the train split's ``stats`` (pixel sums, squared sums, pixel count), the split
+    sizes and shard index, and what the preparation kept or skipped (``source``)."""
     mean = stats[0] / max(stats[2], 1)
     std = np.sqrt(np.maximum(stats[1] / max(stats[2], 1) - mean**2, 0))
-    rel = [p[len(files.where.rstrip("/")) + 1 :] if p.startswith(files.where) else p for p in skipped]
-    meta = {
+    return {
         "name": spec.name,
-        "task": "classification",
-        "classes": files.classes,
-        "num_classes": len(files.classes),
+        "task": task,
+        "classes": classes,
+        "num_classes": len(classes),
         "shape": [size, size, channels],
         "image_size": int(size),
         "channels": int(channels),
@@ -311,19 +336,11 @@ def _prepare(spec: DataSpec, files: SourceFiles, out_dir: Path) -> Path:
         "std": np.maximum(std, 1e-6).round(6).tolist(),
         "hflip_ok": True,
         "split_sizes": {k: sum(s["rows"] for s in v) for k, v in index.items()},
-        "source": {
-            "files": n,
-            "skipped_count": len(skipped),
-            "skipped": sorted(rel),
-            "image_size": int(size),
-            "kept_original_bytes": kept,
-            "reencoded_png": n - len(skipped) - kept,
-        },
+        "source": source,
         "format": FORMAT,
         "shards": index,
         "row_group_rows": spec.row_group_rows,
     }
-    return _finish(tmp, out, meta)
 
 
 # ----------------------------------------------------------------------------- COCO detection
@@ -502,31 +519,14 @@ def _prepare_coco(spec: DataSpec, files: CocoFiles, out_dir: Path) -> Path:
         index[name] = writer.close()
         if name == "train" and not index[name]:
             raise DataError(f"the train split of {files.where} is empty after skipping unreadable images")
-    mean = stats[0] / max(stats[2], 1)
-    std = np.sqrt(np.maximum(stats[1] / max(stats[2], 1) - mean**2, 0))
-    meta = {
-        "name": spec.name,
-        "task": "detection",
-        "classes": files.classes,
-        "num_classes": len(files.classes),
-        "shape": [size, size, channels],
+    source = {
+        "coco": files.where,
         "image_size": int(size),
-        "channels": int(channels),
-        "mean": mean.round(6).tolist(),
-        "std": np.maximum(std, 1e-6).round(6).tolist(),
-        "hflip_ok": True,
-        "split_sizes": {k: sum(s["rows"] for s in v) for k, v in index.items()},
-        "source": {
-            "coco": files.where,
-            "image_size": int(size),
-            "files": n,
-            "skipped_count": len(skipped),
-            "skipped": sorted(skipped),
-            "kept_original_bytes": kept,
-        },
-        "format": FORMAT,
-        "shards": index,
-        "row_group_rows": spec.row_group_rows,
-        "max_boxes": max_boxes,
+        "files": n,
+        "skipped_count": len(skipped),
+        "skipped": sorted(skipped),
+        "kept_original_bytes": kept,
     }
+    meta = shard_metadata(spec, "detection", files.classes, size, channels, stats, index, source)
+    meta["max_boxes"] = max_boxes
     return _finish(tmp, out, meta)

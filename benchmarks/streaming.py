@@ -356,7 +356,7 @@ def main() -> None:
         "--worker-baseline-mb",
         type=int,
         default=768,
-        help="a Ray Train worker's own memory before data (torch, Ray, model); reserved on top of the cap",
+        help="a Ray Train worker's own memory before data (torch, Ray, model); with the data budget: its cap",
     )
     ap.add_argument(
         "--object-store-mb",

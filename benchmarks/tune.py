@@ -133,7 +133,8 @@ def main() -> None:
             (1 if mode == "max" else -1)
             * (best_metric(full_rows, metric, mode) - best_metric(asha_rows, metric, mode, "completed")),
             4,
-        ),
+        )
+        + 0.0,  # no -0.0 for a loss tie
         "asha_best_test_acc_gap": round((full.test_acc or 0) - (asha.test_acc or 0), 4),
         "full_budget_wall_seconds": round(full_wall, 1),
         f"full_budget_best_{metric}": best_metric(full_rows, metric, mode),

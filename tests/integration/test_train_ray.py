@@ -280,3 +280,42 @@ def test_lean_trainer_leaves_out_only_the_actors_a_one_run_driver_never_needs(tm
     assert one_run == [n for n in plain if n not in ("DatasetsCallback", "PlacementGroupCleanerCallback")]
     in_tune = names(lean_torch_trainer_class(drop_placement_group_cleaner=False)(lambda: None, **kw))
     assert in_tune == [n for n in plain if n != "DatasetsCallback"]
+
+
+# A one-worker run on the local Ray its driver starts for itself (as `scalelab train` without a
+# cluster does); prints what the checks below need while that Ray still runs.
+OWN_LOCAL_RAY_RUN = """
+import json, sys
+from pathlib import Path
+import ray
+from scalelab.cluster.session import connect_ray
+from scalelab.config import load_recipe
+from scalelab.train.api import run_training
+
+connect_ray(num_cpus=2, stack_file=Path("no-stack.json"))
+spec = load_recipe("pipelines/digits.yaml", sys.argv[1:])
+out = run_training(spec)
+named = ray.util.list_named_actors(all_namespaces=True)
+print(json.dumps({"test_acc": out.metrics["test_acc"], "named_actors": named}))
+ray.shutdown()
+"""
+
+
+def test_a_run_on_its_own_local_ray_starts_only_what_it_needs(workdir: Path):
+    """On a Ray without an autoscaler, a run trains without Ray Train's AutoscalingCoordinator: a
+    detached actor that Ray creates on a cluster's first run (~1.1 s on that run's path to its first
+    step) and keeps as a Python process for the cluster's lifetime, for an autoscaler to read."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    overrides = [*FAST, "train.workers=1", "train.epochs=1", "tracking.enabled=false", "train.run_name=own"]
+    proc = subprocess.run(
+        [sys.executable, "-c", OWN_LOCAL_RAY_RUN, *overrides],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0.0 < seen["test_acc"] <= 1.0
+    assert not [a for a in seen["named_actors"] if "AutoscalingCoordinator" in a["name"]], seen

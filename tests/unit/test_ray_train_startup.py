@@ -4,6 +4,8 @@ driver on one node) are left out; every other callback is kept, in order."""
 
 from __future__ import annotations
 
+import pytest
+
 from scalelab.train.ray_trainer import lean_train_callbacks
 
 
@@ -59,3 +61,28 @@ def test_a_local_ray_for_training_starts_no_idle_workers_a_head_is_left_as_it_is
     monkeypatch.setattr(session, "_check_reachable", lambda address, source: None)
     session.connect_ray("127.0.0.1:6379", prestart_workers=False, stack_file=no_stack)
     assert "_system_config" not in calls[2]  # a running head's settings are its own
+
+
+def test_on_a_fixed_cluster_the_scaling_policy_decides_as_rays_without_the_coordinator():
+    """Ray's fixed policy creates the AutoscalingCoordinator actor when the controller starts and asks
+    it before every decision; the fixed-cluster one makes the same decisions without it."""
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+    from ray.train.v2.api.config import ScalingConfig
+
+    from scalelab.train.ray_policy import FixedClusterScalingPolicy, without_autoscaling_coordinator
+
+    plain = FixedScalingPolicy(ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}))
+    lean = without_autoscaling_coordinator(plain)
+    assert type(lean) is FixedClusterScalingPolicy and lean.scaling_config is plain.scaling_config
+    lean.after_controller_start(SimpleNamespace(run_id="r1"))  # Ray's: a detached actor, then a call
+    decision = lean.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision)
+    assert decision.num_workers == 2 and decision.resources_per_worker == {"CPU": 1}
+    assert isinstance(lean.make_decision_for_running_worker_group(None, None), NoopDecision)
+    with pytest.raises(AssertionError):  # Ray's own, never started, needs the coordinator to decide
+        plain.make_decision_for_non_running_worker_group()
+    elastic = SimpleNamespace(scaling_config=plain.scaling_config)  # any other policy: left as it is
+    assert without_autoscaling_coordinator(elastic) is elastic

@@ -144,7 +144,11 @@ def build_torch_trainer(
         "submitted_at": time.time(),
         "progress": progress,
     }
-    trainer_class = lean_torch_trainer_class(drop_placement_group_cleaner=owns_job and single_node)
+    from scalelab.train.ray_policy import cluster_can_autoscale
+
+    trainer_class = lean_torch_trainer_class(
+        drop_placement_group_cleaner=owns_job and single_node, fixed_cluster=not cluster_can_autoscale()
+    )
     return trainer_class(
         train_worker,
         train_loop_config=config,
@@ -185,17 +189,19 @@ def lean_train_callbacks(callbacks: list, *, has_datasets: bool, drop_placement_
     return [cb for cb in callbacks if type(cb).__name__ not in drop]
 
 
-_LEAN_TRAINERS: dict[bool, type] = {}
+_LEAN_TRAINERS: dict[tuple[bool, bool], type] = {}
 
 
-def lean_torch_trainer_class(drop_placement_group_cleaner: bool) -> type:
-    """``TorchTrainer`` whose default callbacks pass through :func:`lean_train_callbacks`; the plain
-    ``TorchTrainer`` on a Ray Train without ``_create_default_callbacks`` (another version)."""
+def lean_torch_trainer_class(drop_placement_group_cleaner: bool, fixed_cluster: bool = False) -> type:
+    """``TorchTrainer`` whose default callbacks pass through :func:`lean_train_callbacks` and, on a
+    ``fixed_cluster`` (no autoscaler), whose scaling policy leaves out Ray's AutoscalingCoordinator
+    (``train/ray_policy.py``); the plain ``TorchTrainer`` on a Ray Train without these hooks."""
     from ray.train.torch import TorchTrainer
 
     if not hasattr(TorchTrainer, "_create_default_callbacks"):
         return TorchTrainer
-    if drop_placement_group_cleaner not in _LEAN_TRAINERS:
+    key = (drop_placement_group_cleaner, fixed_cluster)
+    if key not in _LEAN_TRAINERS:
 
         class LeanTorchTrainer(TorchTrainer):
             def _create_default_callbacks(self):
@@ -205,8 +211,17 @@ def lean_torch_trainer_class(drop_placement_group_cleaner: bool) -> type:
                     drop_placement_group_cleaner=drop_placement_group_cleaner,
                 )
 
-        _LEAN_TRAINERS[drop_placement_group_cleaner] = LeanTorchTrainer
-    return _LEAN_TRAINERS[drop_placement_group_cleaner]
+            def _initialize_and_run_controller(self, **controller_init_kwargs):
+                if fixed_cluster and "scaling_policy" in controller_init_kwargs:
+                    from scalelab.train.ray_policy import without_autoscaling_coordinator
+
+                    controller_init_kwargs["scaling_policy"] = without_autoscaling_coordinator(
+                        controller_init_kwargs["scaling_policy"]
+                    )
+                return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+        _LEAN_TRAINERS[key] = LeanTorchTrainer
+    return _LEAN_TRAINERS[key]
 
 
 def stream_source_config(spec: RecipeSpec, data_version: DataVersion | None) -> dict[str, Any] | None:

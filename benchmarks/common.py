@@ -34,6 +34,25 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def conv_peak_gflops(bf16: bool) -> float:
+    """Measured peak of a 3x3 conv, 64->64 ch, 16x16, batch 256, channels_last (DESIGN.md's probe):
+    the denominator of the MFU figures (model FLOPs utilisation) of digits.py and fashion_speed.py."""
+    import time
+
+    import torch
+
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(256, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    flops = 2 * 256 * 64 * 64 * 9 * 16 * 16
+    times = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for _ in range(8):
+            t = time.perf_counter()
+            conv(x)
+            times.append(time.perf_counter() - t)
+    return flops / median(times[2:]) / 1e9
+
+
 def write_results(name: str, figures: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

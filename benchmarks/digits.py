@@ -18,25 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parents[1]
-from common import median, refuse_while_stack_runs, write_results  # noqa: E402
+from common import conv_peak_gflops, median, refuse_while_stack_runs, write_results  # noqa: E402
 from scalelab.config import load_recipe  # noqa: E402
 from scalelab.data import load_dataset  # noqa: E402
 from scalelab.models import count_flops, create_model  # noqa: E402
 from scalelab.train.loop import fit  # noqa: E402
-
-
-def conv_peak_gflops(bf16: bool) -> float:
-    """Measured peak of a 3x3 conv, 64->64 ch, 16x16, batch 256, channels_last (DESIGN.md's probe)."""
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
-    x = torch.randn(256, 64, 16, 16).contiguous(memory_format=torch.channels_last)
-    flops = 2 * 256 * 64 * 64 * 9 * 16 * 16
-    times = []
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for _ in range(8):
-            t = time.perf_counter()
-            conv(x)
-            times.append(time.perf_counter() - t)
-    return flops / median(times[2:]) / 1e9
 
 
 def run(variant: str, seed: int, epochs: int, precision: str, data_dir: str) -> dict:

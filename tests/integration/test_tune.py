@@ -259,6 +259,10 @@ def test_killed_search_resumes_without_rerunning_finished_trials(workdir):
             == lines_before[t]
         )
         assert json.loads((search_dir / "trials.json").read_text())["trials"][t]["starts"] == 1
+    # every checkpoint was kept while the search ran (a killed driver's snapshot may name an older
+    # one: resuming from it used to fail); once it ended, only each trial's newest is left
+    for trial in (search_dir / "tune").glob("trial_*"):
+        assert len(list(trial.glob("checkpoint_*"))) == 1, sorted(p.name for p in trial.iterdir())
     rows = (search_dir / "results.csv").read_text().splitlines()[1:]
     assert len(rows) == 3 and all(",completed," in r for r in rows)
     assert (search_dir / "best.yaml").is_file()

@@ -275,3 +275,23 @@ def test_callback_usage_count_is_skipped_with_usage_stats_off(monkeypatch):
     with pytest.MonkeyPatch.context() as mp:  # counting would import the integrations: not once
         mp.setattr(usage, "_count_callbacks", lambda cbs: pytest.fail("callbacks were counted"))
         assert usage.tag_callbacks([Callback()]) is False
+
+
+def test_an_ended_search_keeps_only_each_trials_newest_checkpoint(tmp_path):
+    from scalelab.tune.driver import prune_trial_checkpoints
+
+    tune_dir = tmp_path / "tune"
+    kept = {"trial_a": "checkpoint_000010", "trial_b": "checkpoint_000002", "trial_c": "checkpoint_000000"}
+    for trial, names in {
+        "trial_a": ["checkpoint_000009", "checkpoint_000002", "checkpoint_000010"],  # by index, not age
+        "trial_b": ["checkpoint_000000", "checkpoint_000001", "checkpoint_000002"],
+        "trial_c": ["checkpoint_000000"],
+    }.items():
+        for n in names:
+            (tune_dir / trial / n).mkdir(parents=True)
+            (tune_dir / trial / n / "model.safetensors").write_bytes(b"x")
+        (tune_dir / trial / "result.json").write_text("{}")
+    assert prune_trial_checkpoints(tune_dir) == 4
+    for trial, newest in kept.items():
+        assert sorted(p.name for p in (tune_dir / trial).iterdir()) == [newest, "result.json"]
+    assert prune_trial_checkpoints(tune_dir) == 0  # idempotent

@@ -204,12 +204,37 @@ def run_search(
             grid = tuner.get_results()
         outcome = _finish(spec, name, search_dir, grid, data, tracking, started, console, quiet)
         outcome.interrupted = outcome.interrupted or interrupted
+        if not outcome.interrupted:
+            prune_trial_checkpoints(search_dir / TUNE_DIR)
         return outcome
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def prune_trial_checkpoints(tune_dir: Path) -> int:
+    """Delete every trial checkpoint but the trial's newest, once the search has ended; returns how
+    many were deleted.
+
+    Tune's own retention (``CheckpointConfig(num_to_keep=1)``) deleted a trial's older checkpoint as
+    soon as a newer one came in. Its experiment snapshot, which a resumed search restores each
+    unfinished trial from, is saved only every few seconds. A driver killed in between left a
+    snapshot naming a checkpoint that was already gone, and the resumed trial failed ("Could not
+    recover from checkpoint as it does not exist on storage anymore"). So a search keeps all its
+    checkpoints while it runs (``search.checkpoint_every`` epochs apart), and what is left when it
+    ends is what ``num_to_keep=1`` kept: the newest of each trial, which its results point at.
+    """
+    import shutil
+
+    removed = 0
+    for trial in tune_dir.glob("trial_*"):
+        checkpoints = sorted(p for p in trial.glob("checkpoint_*") if p.is_dir())  # zero-padded index
+        for old in checkpoints[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def _start_parent_run(spec: RecipeSpec, name: str, search_dir: Path) -> dict[str, Any] | None:
@@ -303,7 +328,8 @@ def _build_tuner(spec, name, search_dir, data, tracking, points, resume, quiet):
             # CSV + JSON: Tune's experiment analysis reads them; no TensorBoard (see ensure_ray)
             callbacks=[tracker, CSVLoggerCallback(), JsonLoggerCallback()],
             verbose=0,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            # every checkpoint is kept while the search runs, pruned when it ends (prune_trial_checkpoints)
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
         ),
     )

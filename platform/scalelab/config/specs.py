@@ -418,7 +418,8 @@ class SearchSpec(_Spec):
         description="Epochs between a trial's checkpoints (the last epoch always checkpoints). None: "
         "ASHA's grace_period (every rung is a multiple of it, so a trial ASHA stops has a checkpoint "
         "of its last epoch), or the recipe's train.checkpoint_every without ASHA. An interrupted "
-        "search resumes each unfinished trial from its last checkpoint.",
+        "search resumes each unfinished trial from its last checkpoint; all are kept while the search "
+        "runs, each trial's newest once it ends.",
     )
     channels_last: bool | None = Field(
         None,

@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml requirements.lock
 	VENV=$(VENV) tools/deps.sh setup $(INSTALLER)
 	@$(PY) -c "import scalelab, torch, ray, mlflow, dvc; assert torch.version.cuda is None, 'a CUDA torch'" \
 	  || (echo "install failed"; exit 1)
+	@# the model table's parameter and FLOP counts (torch builds every variant: ~3 s), computed once
+	@# here so that `scalelab models variants` answers from its cache (models/summary.py) in ~0.2 s
+	@$(VENV)/bin/scalelab models variants >/dev/null
 	@rm -f $(VENV)/.installed-*; touch $@
 
 setup: $(STAMP) system-deps

@@ -144,10 +144,14 @@ def build_torch_trainer(
         "submitted_at": time.time(),
         "progress": progress,
     }
-    from scalelab.train.ray_policy import cluster_can_autoscale
+    try:
+        from scalelab.train.ray_policy import cluster_can_autoscale
 
+        fixed_cluster = not cluster_can_autoscale()
+    except ImportError:  # a Ray Train without that policy class: Ray's own policy, as it is
+        fixed_cluster = False
     trainer_class = lean_torch_trainer_class(
-        drop_placement_group_cleaner=owns_job and single_node, fixed_cluster=not cluster_can_autoscale()
+        drop_placement_group_cleaner=owns_job and single_node, fixed_cluster=fixed_cluster
     )
     return trainer_class(
         train_worker,

@@ -293,17 +293,19 @@ def test_s3_outage_mid_epoch_is_retried_or_fails_naming_the_endpoint_and_resumes
     logs = [tmp_path / f"samples-{i}.jsonl" for i in range(3)]
 
     # 1. an outage shorter than data.read_retry_s: the epoch waits for the endpoint, then completes
+    restart = threading.Thread(target=lambda: (time.sleep(2), s3.start()))  # + the restart: ~5 s away
+
     def outage() -> None:
         s3.stop()
-        time.sleep(2)  # + the restart: the endpoint is away ~5 s
-        s3.start()
+        restart.start()
 
     monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(logs[0]))
     caplog.set_level(logging.WARNING, logger="scalelab.data.shards")
-    watcher = after_batches(logs[0], epoch=0, count=3, then=outage)
+    fired = before_read_after_batches(monkeypatch, logs[0], epoch=0, count=3, then=outage)
     spec = load_recipe("pipelines/digits.yaml", run + ["train.epochs=1", "data.read_retry_s=60"])
     out = run_training(spec)
-    watcher.join()
+    assert fired.is_set()
+    restart.join()
     assert f"endpoint {s3.url}" in caplog.text and "retrying for up to 60 s" in caplog.text
     data = load_remote_stream(spec.data)
     assert sampled(logs[0], epoch=0) == planned_epoch(data, spec, 0)  # complete, each sample once
@@ -312,12 +314,12 @@ def test_s3_outage_mid_epoch_is_retried_or_fails_naming_the_endpoint_and_resumes
     # 2. an outage longer than data.read_retry_s: a clear failure naming the endpoint ...
     monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(logs[1]))
     longer = load_recipe("pipelines/digits.yaml", run + ["train.epochs=2", "data.read_retry_s=1"])
-    watcher = after_batches(logs[1], epoch=1, count=12, then=s3.stop)
+    fired = before_read_after_batches(monkeypatch, logs[1], epoch=1, count=12, then=s3.stop)
     with pytest.raises(
         DataError, match=rf"S3 endpoint {s3.url} did not answer .* run the same command again"
     ):
         run_training(longer)
-    watcher.join()
+    assert fired.is_set()
     s3.start()
     # ... and running it again resumes that epoch at the exact sample where it stopped
     monkeypatch.setenv("SCALELAB_SAMPLE_LOG", str(logs[2]))
@@ -330,20 +332,24 @@ def test_s3_outage_mid_epoch_is_retried_or_fails_naming_the_endpoint_and_resumes
     assert [i for r in before + after for i in r["ids"]] == planned_epoch(data, longer, 1)
 
 
-def after_batches(log: Path, epoch: int, count: int, then) -> threading.Thread:
-    """Run ``then()`` in a thread once ``count`` training batches of ``epoch`` are in the sample log."""
+def before_read_after_batches(monkeypatch, log: Path, epoch: int, count: int, then) -> threading.Event:
+    """Run ``then()`` once, synchronously, just before the first shard read that starts after
+    ``count`` training batches of ``epoch`` are in the sample log: the outage begins at a known
+    point of the epoch, however fast training outruns the test (a watcher thread polling the log
+    could stop the endpoint only after the epoch's last read). The read itself is the real one."""
+    from scalelab.data.shards import ShardSource
 
-    def watch() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if log.exists() and sum(r["epoch"] == epoch for r in rows_of(log)) >= count:
-                then()
-                return
-            time.sleep(0.05)
+    real = ShardSource.__dict__["read_columns"]
+    fired = threading.Event()
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def read_columns(self, *args, **kwargs):
+        if not fired.is_set() and log.exists() and sum(r["epoch"] == epoch for r in rows_of(log)) >= count:
+            fired.set()
+            then()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardSource, "read_columns", read_columns)
+    return fired
 
 
 def rows_of(log: Path) -> list[dict]:

@@ -90,6 +90,17 @@ class MultiScaleBottleneck(nn.Module):
         self.shortcut = _shortcut(in_chs, out_chs, stride)
         self.act = nn.ReLU(inplace=True)
 
+    def conv_bn_pairs(self) -> list[tuple[nn.Conv2d, nn.Module, str]]:
+        """(conv, module holding the BN, its key) for each ``bn(conv(x))`` of :meth:`forward`: what
+        :func:`scalelab.models.fold.fold_batchnorm` may fold (a depthwise split's BN follows its
+        pointwise conv). The shortcut's pair is an ``nn.Sequential``'s, found there."""
+        pairs: list[tuple[nn.Conv2d, nn.Module, str]] = [(self.conv1, self, "bn1")]
+        for i, conv in enumerate(self.convs):
+            last = conv if isinstance(conv, nn.Conv2d) else conv[-1]
+            pairs.append((last, self.bns, str(i)))
+        pairs.append((self.conv3, self, "bn3"))
+        return pairs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))  # (B, inner, H, W)
         if self.scales == 1:

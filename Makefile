@@ -88,6 +88,8 @@ bench: setup
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/tune.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/ingress.py
+	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/detection.py
 
 # The DVC pipeline (prepare -> train -> evaluate); its stages call the scalelab verbs.

@@ -61,6 +61,20 @@ def write_results(name: str, figures: dict) -> Path:
     return path
 
 
+def write_figures(name: str, figures: dict, quick: bool, scratch: Path | None = None) -> Path:
+    """``benchmarks/results/<name>.json``, or for a ``--quick`` run (it proves the script runs; its
+    figures mean nothing) ``<name>-quick.json`` in ``scratch`` (default: a new temp folder)."""
+    if not quick:
+        return write_results(name, figures)
+    import tempfile
+
+    folder = scratch or Path(tempfile.mkdtemp(prefix=f"scalelab-bench-{name}-"))
+    path = folder / f"{name}-quick.json"
+    path.write_text(json.dumps({**figures, **machine()}, indent=2) + "\n")
+    print(f"quick run: wrote {path} (not benchmarks/results/)")
+    return path
+
+
 ALLOW_STACK_ENV = "SCALELAB_BENCH_WITH_STACK"  # =1: run anyway (figures flagged, a loud warning)
 
 

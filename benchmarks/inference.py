@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, refuse_while_stack_runs, write_results  # noqa: E402
+from common import median, refuse_while_stack_runs, write_figures  # noqa: E402
 
 MODELS = (  # (variant, input size): Fashion-MNIST's 28 px for the classifiers, scenes' 96 px
     ("msresnet_m", 28),
@@ -124,12 +122,7 @@ def main() -> None:
                     flush=True,
                 )
     figures["wall_seconds"] = round(time.perf_counter() - started, 1)
-    if args.quick:
-        out = Path(tempfile.mkdtemp(prefix="scalelab-bench-inference-")) / "inference-quick.json"
-        out.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"quick run: wrote {out} (not benchmarks/results/)")
-    else:
-        write_results("inference", figures)
+    write_figures("inference", figures, args.quick)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, refuse_while_stack_runs, write_results  # noqa: E402
+from common import median, refuse_while_stack_runs, write_figures  # noqa: E402
 from serve import HEY, hey, png_json_body, serve_variant, test_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,12 +204,7 @@ def main() -> None:
             )
     figures["wall_seconds"] = round(time.perf_counter() - started, 1)
     figures["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-    if args.quick:
-        out = work / "ingress-quick.json"
-        out.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"quick run: wrote {out} (not benchmarks/results/)")
-    else:
-        write_results("ingress", figures)
+    write_figures("ingress", figures, args.quick, work)
 
 
 if __name__ == "__main__":

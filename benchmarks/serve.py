@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import refuse_while_stack_runs, write_results  # noqa: E402
+from common import refuse_while_stack_runs, write_figures  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -465,12 +465,7 @@ def main() -> None:
             figures[f"batched_vs_{other}_c32_rps_ratio"] = round(
                 figures["batched_c32_rps"] / figures[f"{other}_c32_rps"], 2
             )
-    if args.quick:
-        out = work / "serve-quick.json"
-        out.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"quick run: wrote {out} (not benchmarks/results/)")
-    else:
-        write_results("serve", figures)
+    write_figures("serve", figures, args.quick, work)
 
 
 if __name__ == "__main__":

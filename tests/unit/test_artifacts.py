@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from toy_bundle import save_toy_bundle
 
-from scalelab.artifacts.bundle import MODEL_META, load_model_bundle, save_model_bundle
+from scalelab.artifacts.bundle import MODEL_META, load_model_bundle
 from scalelab.artifacts.evaluate import Images, evaluate_predictor
 from scalelab.artifacts.predictor import Predictor
 from scalelab.config import variants
@@ -25,21 +26,7 @@ SHAPE = {"in_chans": 1, "num_classes": 3, "image_size": 8}
 def _bundle(tmp_path: Path, variant: str = "msresnet_tiny", **overrides) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(0)
     model = create_model(variant, **SHAPE, **overrides).eval()
-    recipe = RecipeSpec.model_validate({"name": "t", "model": {"variant": variant, **overrides}})
-    meta = {
-        "recipe": recipe.model_dump(mode="json"),
-        "dataset": {
-            "name": "t",
-            "classes": ["a", "b", "c"],
-            "channels": 1,
-            "num_classes": 3,
-            "image_size": 8,
-            "mean": [0.5],
-            "std": [0.25],
-        },
-        "precision": "fp32",
-    }
-    return save_model_bundle(model, tmp_path / "bundle", meta), model
+    return save_toy_bundle(model, tmp_path / "bundle", variant, **overrides), model
 
 
 def _outputs(model: torch.nn.Module) -> torch.Tensor:

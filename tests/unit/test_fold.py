@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from toy_bundle import save_toy_bundle
 
 from scalelab.models import create_model, list_models
 from scalelab.models.blocks import MultiScaleBottleneck
@@ -105,26 +106,10 @@ def test_a_batchnorm_not_right_after_a_conv_is_not_folded():
 
 
 def test_predictor_folds_its_own_model_and_predicts_what_the_unfolded_one_does(tmp_path):
-    from scalelab.artifacts.bundle import save_model_bundle
     from scalelab.artifacts.predictor import Predictor
-    from scalelab.config.specs import RecipeSpec
 
     model = trained_looking(create_model("msresnet_tiny", in_chans=1, num_classes=3, image_size=8))
-    recipe = RecipeSpec.model_validate({"name": "t", "model": {"variant": "msresnet_tiny"}})
-    meta = {
-        "recipe": recipe.model_dump(mode="json"),
-        "dataset": {
-            "name": "t",
-            "classes": ["a", "b", "c"],
-            "channels": 1,
-            "num_classes": 3,
-            "image_size": 8,
-            "mean": [0.5],
-            "std": [0.25],
-        },
-        "precision": "fp32",
-    }
-    bundle = save_model_bundle(model, tmp_path / "model", meta)
+    bundle = save_toy_bundle(model, tmp_path / "model")
     images = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 1), dtype=np.uint8)
     folded = Predictor.from_bundle(bundle)
     plain = Predictor(*_reload(bundle), fold_bn=False)

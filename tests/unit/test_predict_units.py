@@ -11,38 +11,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from toy_bundle import CLASSES, save_toy_bundle
 
-from scalelab.artifacts.bundle import save_model_bundle
 from scalelab.artifacts.predictor import Predictor
-from scalelab.config.specs import RecipeSpec
 from scalelab.errors import ConfigError, DataError
 from scalelab.models import create_model
 from scalelab.predict.batch import ParquetOutput, parse_model_ref, plan_pool
 from scalelab.predict.replica import PredictReplica
 from scalelab.predict.sources import Source, label_layout, list_folder, resolve_source, s3_endpoint
 
-CLASSES = ["a", "b", "c"]
-
 
 @pytest.fixture()
 def bundle(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = create_model("msresnet_tiny", in_chans=1, num_classes=3, image_size=8).eval()
-    recipe = RecipeSpec.model_validate({"name": "t", "model": {"variant": "msresnet_tiny"}})
-    meta = {
-        "recipe": recipe.model_dump(mode="json"),
-        "dataset": {
-            "name": "t",
-            "classes": CLASSES,
-            "channels": 1,
-            "num_classes": 3,
-            "image_size": 8,
-            "mean": [0.5],
-            "std": [0.25],
-        },
-        "precision": "fp32",
-    }
-    return save_model_bundle(model, tmp_path / "bundle", meta)
+    return save_toy_bundle(model, tmp_path / "bundle")
 
 
 def png(arr: np.ndarray) -> bytes:

@@ -10,7 +10,7 @@ from toy_bundle import save_toy_bundle
 
 from scalelab.models import create_model, list_models
 from scalelab.models.blocks import MultiScaleBottleneck
-from scalelab.models.fold import fold_batchnorm, fold_conv_bn
+from scalelab.models.fold import fold_batchnorm, fold_conv_bn, folded_copy
 
 
 def trained_looking(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -81,6 +81,19 @@ def test_depthwise_split_folds_into_its_pointwise_conv():
         want = block(x)
         fold_batchnorm(block)
         torch.testing.assert_close(block(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_folded_copy_leaves_the_trained_model_as_it_was():
+    model = trained_looking(create_model("msresnet_tiny", in_chans=1, num_classes=10, image_size=8)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    copy_ = folded_copy(model)
+    assert batchnorms(copy_) == 0 and not copy_.training
+    assert model.training and batchnorms(model) == len(
+        [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    )
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(outputs(copy_, x), outputs(model.eval(), x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_model_in_training_mode_is_refused_and_left_as_it_was():

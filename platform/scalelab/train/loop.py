@@ -30,6 +30,7 @@ from scalelab.data.shards import StreamDataset
 from scalelab.errors import ConfigError
 from scalelab.models.detection_loss import detection_loss
 from scalelab.models.factory import build_model, count_params
+from scalelab.models.fold import folded_copy
 from scalelab.models.resnet import classification_loss
 from scalelab.train.checkpoint import read_position, restore_training_checkpoint, save_training_checkpoint
 from scalelab.train.detection import DetectionLoader, detection_augment
@@ -264,7 +265,9 @@ def fit(
 
     if val is None:  # resumed after the last epoch: nothing left to train
         val = evaluate_model(model, loaders.val, data.num_classes, runtime)
-    test = evaluate_model(model, loaders.test, data.num_classes, runtime)
+    # scored as every prediction path runs the model (BatchNorm folded, models/fold.py), so this
+    # test accuracy is what `scalelab evaluate`, the promotion gate and the served model reproduce
+    test = evaluate_model(folded_copy(model), loaders.test, data.num_classes, runtime)
     return FitResult(model, history, test, val, runtime, params, start_epoch)
 
 

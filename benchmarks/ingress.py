@@ -59,16 +59,18 @@ def untrained_bundle(variant: str, work: Path) -> Path:
 
 def ingress_processes() -> list:
     """The processes that carry HTTP before it reaches a replica: Serve's proxy actor(s) and, with
-    the HAProxy ingress, the ``haproxy`` binary it runs."""
+    the HAProxy ingress, the ``haproxy`` binary it runs. Only this driver's own cluster (the local
+    Ray it started: GCS, raylet, workers, haproxy all descend from it), never another on the machine."""
     import psutil
 
     out = []
-    for p in psutil.process_iter(["name", "cmdline"]):
+    for p in psutil.Process().children(recursive=True):
         try:
-            text = " ".join(p.info["cmdline"] or []) or (p.info["name"] or "")
-        except (psutil.Error, TypeError):
+            name = p.name()
+            text = " ".join(p.cmdline()) or name
+        except psutil.Error:
             continue
-        if "ProxyActor" in text or (p.info["name"] or "").startswith("haproxy"):
+        if "ProxyActor" in text or name.startswith("haproxy"):
             out.append(p)
     return out
 

@@ -332,6 +332,15 @@ def test_s3_outage_mid_epoch_is_retried_or_fails_naming_the_endpoint_and_resumes
     assert [i for r in before + after for i in r["ids"]] == planned_epoch(data, longer, 1)
 
 
+def _real_read_columns():
+    from scalelab.data.shards import ShardSource
+
+    return ShardSource.read_columns
+
+
+REAL_READ_COLUMNS = _real_read_columns()
+
+
 def before_read_after_batches(monkeypatch, log: Path, epoch: int, count: int, then) -> threading.Event:
     """Run ``then()`` once, synchronously, just before the first shard read that starts after
     ``count`` training batches of ``epoch`` are in the sample log: the outage begins at a known
@@ -339,7 +348,7 @@ def before_read_after_batches(monkeypatch, log: Path, epoch: int, count: int, th
     could stop the endpoint only after the epoch's last read). The read itself is the real one."""
     from scalelab.data.shards import ShardSource
 
-    real = ShardSource.__dict__["read_columns"]
+    real = REAL_READ_COLUMNS  # not the attribute now: a wrapper of an earlier call may still be there
     fired = threading.Event()
 
     def read_columns(self, *args, **kwargs):

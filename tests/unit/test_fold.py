@@ -22,8 +22,9 @@ def trained_looking(model: nn.Module, seed: int = 0) -> nn.Module:
             n = m.num_features
             m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
             m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
     return model.eval()
 
 
@@ -85,22 +86,58 @@ def test_depthwise_split_folds_into_its_pointwise_conv():
 
 def test_folded_copy_leaves_the_trained_model_as_it_was():
     model = trained_looking(create_model("msresnet_tiny", in_chans=1, num_classes=10, image_size=8)).train()
+    before = batchnorms(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     copy_ = folded_copy(model)
     assert batchnorms(copy_) == 0 and not copy_.training
-    assert model.training and batchnorms(model) == len(
-        [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    )
+    assert model.training and batchnorms(model) == before > 0
+    assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(outputs(copy_, x), outputs(model.eval(), x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "conv,bn",
+    [
+        (nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=True), nn.BatchNorm2d(8, affine=False)),
+        (nn.Conv2d(8, 12, 3, padding=1, groups=4, bias=True), nn.BatchNorm2d(12)),
+        (nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6, eps=1e-3)),
+    ],
+    ids=["depthwise-dilated-bias-no-affine", "grouped-bias", "pointwise-eps"],
+)
+def test_fold_conv_bn_math_for_bias_affine_groups_and_eps(conv, bn):
+    seq = trained_looking(nn.Sequential(conv, bn))
+    if conv.bias is not None:
+        conv.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 8, 7, 7)
+    want = seq(x)
+    assert fold_batchnorm(seq) == 1 and isinstance(seq[1], nn.Identity)
+    torch.testing.assert_close(seq(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_sequential_subclass_with_its_own_forward_is_not_folded():
+    class Residual(nn.Sequential):  # conv and BN on two paths: y = bn(x) + conv(x)
+        def forward(self, x):
+            return self[1](x) + self[0](x)
+
+    model = trained_looking(Residual(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 4, 5, 5)
+    want = model(x)
+    assert fold_batchnorm(model) == 0
+    torch.testing.assert_close(model(x), want)
+
+
 def test_a_model_in_training_mode_is_refused_and_left_as_it_was():
     model = create_model("msresnet_tiny", in_chans=1, num_classes=10, image_size=8)
+    before = batchnorms(model)
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(model.train())
-    assert batchnorms(model) > 0
+    model.eval()
+    model.stages[0].train()  # a part left in training mode still updates its batch statistics
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(model)
+    assert batchnorms(model) == before > 0
 
 
 def test_batchnorm_without_running_statistics_is_left_alone():

@@ -54,12 +54,12 @@ def fold_batchnorm(model: nn.Module) -> int:
     """Fold every BatchNorm2d that directly follows a Conv2d into it (the BN becomes ``Identity``);
     returns how many were folded. The model must be in eval mode: a model in training mode would
     still update and use batch statistics, which a folded conv no longer has."""
-    if model.training:
+    if any(m.training for m in model.modules()):
         raise ValueError("fold_batchnorm needs a model in eval mode (call model.eval() first)")
     folded = 0
     for module in list(model.modules()):
         pairs: list[tuple[nn.Conv2d, nn.Module, str]] = []
-        if isinstance(module, nn.Sequential):
+        if type(module) is nn.Sequential:  # a subclass may have a forward of its own
             names = list(module._modules)
             for here, after in zip(names[:-1], names[1:], strict=True):
                 if isinstance(module._modules[here], nn.Conv2d):

@@ -29,7 +29,7 @@ class Predictor:
 
     device: str = "cpu"
     # fold each BatchNorm into the conv before it (models/fold.py): the same outputs to float
-    # rounding, 1.07-1.30x faster forward passes here. In place: `from_bundle` loads a model of its
+    # rounding, 1.07-1.35x faster forward passes here. In place: `from_bundle` loads a model of its
     # own (the bundle keeps its BatchNorm); a model passed in directly is folded too
     fold_bn: bool = True
 

@@ -139,7 +139,7 @@ def serve_ingress_env() -> dict[str, str]:
     Serve reads these once per process (its constants), so they must be in the environment of the
     raylet that starts the controller, proxies and replicas: ``ray start`` (`scalelab up`, the
     pipeline's head, worker nodes) or the driver that starts a local Ray (:func:`connect_ray`, the
-    test session). With ``haproxy`` (default): Ray Serve's HAProxy ingress (3.6x the requests/s of
+    test session). With ``haproxy`` (default): Ray Serve's HAProxy ingress (3.4x the requests/s of
     the Python proxy at c=32, ``benchmarks/ingress.py``) plus ``RAY_SERVE_THROUGHPUT_OPTIMIZED``.
     HAProxy's fixed defaults are made safe for several clusters on one machine: its stats and
     Prometheus ports (8404, 9101, on all interfaces) become free ports, its sockets a per-user

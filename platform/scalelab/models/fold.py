@@ -3,7 +3,7 @@
 In eval mode a ``BatchNorm2d`` is a fixed per-channel affine map, ``y = (x - mean) / sqrt(var + eps)
 * gamma + beta``, so a ``Conv2d`` followed directly by one equals a single convolution with scaled
 weights and a bias. Folding removes a whole pass over every activation map per BN: forward passes
-on one CPU thread 1.17-1.30x faster in bf16 and 1.07-1.29x in fp32 for our variants
+on one CPU thread 1.18-1.35x faster in bf16 and 1.07-1.28x in fp32 for our variants
 (``benchmarks/inference.py``), with outputs equal to float rounding. No model is trained folded:
 :class:`~scalelab.artifacts.predictor.Predictor` folds its own copy once it is in eval mode (serving,
 ``scalelab predict``, evaluation, the promotion gate), training scores its test split with a

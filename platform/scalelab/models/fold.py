@@ -24,26 +24,20 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold ``bn`` (eval statistics) into ``conv``'s weight and bias, in place."""
+    """Fold ``bn`` (eval statistics) into ``conv``'s weight and bias, in place (the arithmetic is
+    PyTorch's own ``fuse_conv_bn_weights``; a conv without a bias gets one)."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("a BatchNorm without running statistics cannot be folded")
     if conv.out_channels != bn.num_features:
         raise ValueError(f"conv has {conv.out_channels} output channels, the BatchNorm {bn.num_features}")
     with torch.no_grad():
-        w = conv.weight.float()
-        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.float()
-        bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(scale)
-        bias = (bias - bn.running_mean.float()) * scale
-        if bn.bias is not None:
-            bias = bias + bn.bias.float()
-        folded = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-        conv.weight = nn.Parameter(folded.to(conv.weight.dtype), requires_grad=False)
-        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
 
 
 def _foldable(bn: nn.Module) -> bool:

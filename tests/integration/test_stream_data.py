@@ -279,7 +279,7 @@ def test_s3_outage_mid_epoch_is_retried_or_fails_naming_the_endpoint_and_resumes
     digits_on_s3, monkeypatch, tmp_path: Path, caplog
 ):
     """The in-process path (the same ShardSource reads that Ray Data tasks run) streams from the DVC
-    remote while its S3 endpoint goes away mid-epoch: for ~5 s (within data.read_retry_s) the epoch
+    remote while its S3 endpoint goes away mid-epoch: for ~6 s (within data.read_retry_s) the epoch
     waits and completes with every planned sample once; for longer than data.read_retry_s the run
     fails naming the endpoint, and running it again resumes the epoch exactly where it stopped."""
     from scalelab.data.stream_source import load_remote_stream
@@ -293,7 +293,10 @@ def test_s3_outage_mid_epoch_is_retried_or_fails_naming_the_endpoint_and_resumes
     logs = [tmp_path / f"samples-{i}.jsonl" for i in range(3)]
 
     # 1. an outage shorter than data.read_retry_s: the epoch waits for the endpoint, then completes
-    restart = threading.Thread(target=lambda: (time.sleep(2), s3.start()))  # + the restart: ~5 s away
+    # away >= 4 s (+ the restart): longer than pyarrow's own retries of one request can last (3
+    # attempts, jittered backoff of <= 1 s then <= 2 s), so the read always reaches ShardSource's
+    # retry loop and its warning; with 2 s, pyarrow alone sometimes rode out the outage silently
+    restart = threading.Thread(target=lambda: (time.sleep(4), s3.start()))
 
     def outage() -> None:
         s3.stop()

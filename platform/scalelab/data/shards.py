@@ -390,7 +390,8 @@ class ShardSource:
     shard's relative path to its object, e.g. DVC's content-addressed ``files/md5/xx/yyyy``).
 
     Reads from S3 survive an outage of the store: a read that fails with a network or server error
-    (after pyarrow's own few quick retries) is tried again with exponential backoff (0.5 s doubling
+    (after pyarrow's own retries: ~3 s at most for the stream source's 3 attempts, jittered, per
+    request) is tried again with exponential backoff (0.5 s doubling
     to 8 s) for up to ``retry_s`` seconds (``data.read_retry_s``), then fails with a
     :class:`DataError` naming the endpoint. The read restarts from the shard's footer each time, so
     a retried read returns exactly the rows asked for: an outage can delay an epoch, never shorten it.

@@ -30,31 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, refuse_while_stack_runs, write_figures  # noqa: E402
-from serve import HEY, hey, png_json_body, serve_variant, test_image  # noqa: E402
+from serve import HEY, hey, png_json_body, serve_variant, test_image, untrained_bundle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 INGRESSES = ("haproxy", "proxy")
 CONCURRENCY = (1, 32)
 KEYS = ("rps", "p50_ms", "p99_ms", "failed", "client_cpu_s", "ingress_cpu_ms_per_1k", "ingress_cores")
-
-
-def untrained_bundle(variant: str, work: Path) -> Path:
-    """The digits recipe's ``variant`` with its initial weights, as training here would save it."""
-    from scalelab.artifacts.bundle import save_model_bundle
-    from scalelab.config import load_recipe
-    from scalelab.data.catalog import load_dataset
-    from scalelab.models import build_model
-    from scalelab.train.loop import bundle_meta
-    from scalelab.train.runtime import select_runtime
-
-    spec = load_recipe(
-        REPO / "pipelines" / "digits.yaml", [f"model.variant={variant}", "tracking.enabled=false"]
-    )
-    data = load_dataset(spec.data)
-    x = data.splits["train"].x
-    chans = 1 if x.ndim == 3 else x.shape[-1]
-    model = build_model(spec.model, chans, len(data.classes), x.shape[1])
-    return save_model_bundle(model, work / "model", bundle_meta(spec, data, select_runtime(spec.train)))
 
 
 def ingress_processes() -> list:
@@ -158,7 +139,12 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = Path(tempfile.mkdtemp(prefix="scalelab-bench-ingress-"))
     os.chdir(work)
-    bundle = untrained_bundle(args.variant, work)
+    from scalelab.config import load_recipe
+
+    spec = load_recipe(
+        REPO / "pipelines" / "digits.yaml", [f"model.variant={args.variant}", "tracking.enabled=false"]
+    )
+    bundle = untrained_bundle(spec, work / "model")
     body_file = work / "body.json"
     body_file.write_bytes(png_json_body(test_image(bundle)))
 

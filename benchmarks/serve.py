@@ -73,9 +73,10 @@ def pick_model(args) -> tuple[str, Path, dict]:
     )
 
 
-def untrained_bundle(spec) -> Path:
+def untrained_bundle(spec, out: Path | None = None) -> Path:
     """The recipe's model with its initial weights, in the precision training would use here: the same
-    inference cost as a trained one (answers are meaningless; throughput figures only)."""
+    inference cost as a trained one (answers are meaningless; throughput figures only). Saved in
+    ``out`` (default: ``outputs/bench-serve-untrained/model``, which predict.py reuses)."""
     from scalelab.artifacts.bundle import save_model_bundle
     from scalelab.data.catalog import load_dataset
     from scalelab.models import build_model
@@ -86,7 +87,7 @@ def untrained_bundle(spec) -> Path:
     x = data.splits["train"].x
     chans = 1 if x.ndim == 3 else x.shape[-1]
     model = build_model(spec.model, chans, len(data.classes), x.shape[1])
-    out = REPO / "outputs" / "bench-serve-untrained" / "model"
+    out = out or REPO / "outputs" / "bench-serve-untrained" / "model"
     return save_model_bundle(model, out, bundle_meta(spec, data, select_runtime(spec.train)))
 
 
